@@ -1,0 +1,253 @@
+"""Wiring: the proxy handler (match, decide, answer or forward, record) and the running process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
+
+from proxy.errors import ConfigError, StateError
+from proxy.forward import Forwarder
+from proxy.guard import Action
+from proxy.logs import DECISION, LineSink, access_logger, open_sink
+from proxy.matching import Matcher
+from proxy.metrics import NO_RULE, Metrics
+from proxy.rules import Rule, RuleSet
+from proxy.settings import Address, Settings
+from proxy.state import Clock, StateStore
+from proxy.state.memory import MemoryState
+
+log = logging.getLogger("pollguard")
+
+
+class ProxyHandler:
+    """The public port's only handler: every request comes through here."""
+
+    def __init__(
+        self,
+        *,
+        rules: RuleSet,
+        state: StateStore,
+        forwarder: Forwarder,
+        metrics: Metrics,
+    ) -> None:
+        self.state = state
+        self.forwarder = forwarder
+        self.metrics = metrics
+        self._none = metrics.rule(NO_RULE)
+        self.use_rules(rules)
+
+    def use_rules(self, rules: RuleSet) -> None:
+        """Swap the rules in one assignment each: a request sees the old set or the new one."""
+        self.metrics.use_rules(rules.names)
+        self._blocked_headers = {r.name: _blocked_headers(r) for r in rules.rules}
+        self._matcher = Matcher(rules.rules)
+        self.rules = rules
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        hit = self._matcher.match(request.method, request.raw_path)
+        if hit is None:
+            return await self._pass(request)
+        rule, task_id = hit
+        metrics = self.metrics.rule(rule.name)
+        try:
+            action = await self.state.admit(rule, task_id)
+        except StateError:
+            self.metrics.state_errors.inc()
+            action = Action.FORWARD
+
+        if action is Action.BLOCK and rule.mode == "enforce":
+            metrics.outcomes["blocked"].inc()
+            request[DECISION] = (rule.name, task_id, "blocked", None)
+            return web.Response(
+                status=rule.response.status,
+                body=rule.response.render(task_id),
+                headers=self._blocked_headers[rule.name],
+            )
+
+        fwd = await self.forwarder.forward(request)
+        if fwd.upstream_seconds is not None:
+            metrics.duration.observe(fwd.upstream_seconds)
+        if fwd.status is None:
+            outcome = "upstream_error"
+        elif action is Action.BLOCK:
+            # observe mode: enforce would not have seen this answer, so neither does the state
+            outcome = "would_block"
+        else:
+            outcome = "probe" if action is Action.PROBE else "forwarded"
+            await self._record(rule, task_id, fwd.status)
+        metrics.outcomes[outcome].inc()
+        request[DECISION] = (rule.name, task_id, outcome, fwd.upstream_seconds)
+        return fwd.response
+
+    async def _pass(self, request: web.BaseRequest) -> web.StreamResponse:
+        fwd = await self.forwarder.forward(request)
+        none = self._none
+        if fwd.upstream_seconds is not None:
+            none.duration.observe(fwd.upstream_seconds)
+        outcome = "forwarded" if fwd.status is not None else "upstream_error"
+        none.outcomes[outcome].inc()
+        request[DECISION] = (NO_RULE, None, outcome, fwd.upstream_seconds)
+        return fwd.response
+
+    async def _record(self, rule: Rule, task_id: str, status: int) -> None:
+        try:
+            out = await self.state.record(rule, task_id, status)
+        except StateError:
+            self.metrics.state_errors.inc()
+            return
+        if out.miss:
+            self.metrics.rule(rule.name).misses.inc()
+        if out.blocked:
+            self.metrics.rule(rule.name).keys_blocked.inc()
+            log.info(
+                "key blocked",
+                extra={"event": "key_blocked", "rule": rule.name, "task_id": task_id,
+                       "misses": out.state.misses if out.state else None,
+                       "mode": rule.mode},
+            )  # fmt: skip
+        elif out.unblocked:
+            log.info(
+                "key unblocked: the upstream answered 2xx",
+                extra={"event": "key_unblocked", "rule": rule.name, "task_id": task_id},
+            )
+
+
+def _blocked_headers(rule: Rule) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict(rule.response.headers)
+    headers["Content-Type"] = rule.response.content_type
+    headers["X-Pollguard"] = "blocked"
+    return headers
+
+
+def make_state(settings: Settings, clock: Clock) -> StateStore:
+    if settings.state == "memory://":
+        return MemoryState(max_keys=settings.max_keys, clock=clock)
+    raise ConfigError(f"--state: {settings.state!r}: only memory:// is available in this build")
+
+
+class Pollguard:
+    """One running pollguard process: the proxy port, the admin port, and what they share."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        rules: RuleSet,
+        *,
+        state: StateStore | None = None,
+        registry: CollectorRegistry | None = None,
+        clock: Clock = time.time,
+        reuse_port: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.state = state if state is not None else make_state(settings, clock)
+        self.forwarder = Forwarder(
+            settings.upstream,
+            timeout=settings.upstream_timeout,
+            client_timeout=settings.client_timeout,
+            max_body_size=settings.max_body_size,
+        )
+        self.handler = ProxyHandler(
+            rules=rules, state=self.state, forwarder=self.forwarder, metrics=self.metrics
+        )
+        self.reuse_port = reuse_port
+        self.started_at = clock()
+        self._sink: LineSink | None = None
+        self._runners: list[web.BaseRunner] = []
+        self.proxy_address: Address | None = None
+        self.admin_address: Address | None = None
+
+    @property
+    def rules(self) -> RuleSet:
+        return self.handler.rules
+
+    async def start(self) -> None:
+        """Open the upstream pool and both ports; ConfigError if a port cannot be bound."""
+        from proxy.admin import create_admin_app  # admin imports this module for Pollguard
+
+        await self.state.retain(self.rules.rules)
+        await self.forwarder.start()
+        self._sink = open_sink(self.settings.access_log)
+        server = web.Server(
+            self.handler,
+            handler_cancellation=True,  # a client that hangs up stops its upstream request too
+            keepalive_timeout=self.settings.client_timeout,
+            access_log_class=access_logger(self._sink),
+            access_log=logging.getLogger("pollguard.access") if self._sink else None,
+            auto_decompress=False,  # bodies pass byte for byte
+        )
+        proxy_runner = web.ServerRunner(server, shutdown_timeout=self.settings.drain_timeout)
+        admin_runner = web.AppRunner(create_admin_app(self), access_log=None, shutdown_timeout=1.0)
+        try:
+            self.proxy_address = await self._bind(proxy_runner, self.settings.listen, "--listen")
+            self.admin_address = await self._bind(
+                admin_runner, self.settings.admin_listen, "--admin-listen"
+            )
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _bind(self, runner: web.BaseRunner, address: Address, flag: str) -> Address:
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, address.host, address.port, reuse_port=self.reuse_port or None)
+        try:
+            await site.start()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConfigError(f"{flag}: cannot listen on {address}: {reason}") from None
+        host, port = runner.addresses[-1][:2]
+        return Address(host, port)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (--drain-timeout), then close."""
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        await self.forwarder.close()
+        await self.state.close()
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+
+    async def serve_forever(self, stop: asyncio.Event) -> None:
+        await self.start()
+        log.info(
+            "pollguard serving",
+            extra=self._describe(),
+        )
+        try:
+            await stop.wait()
+        finally:
+            log.info("draining", extra={"event": "stopping"})
+            await self.stop()
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "event": "started",
+            "listen": str(self.proxy_address),
+            "admin": str(self.admin_address),
+            "upstream": str(self.settings.upstream),
+            "rules": list(self.rules.names),
+            "state": self.settings.state,
+        }
+
+
+def check_c_parser() -> None:
+    """Refuse to run on aiohttp's pure-Python HTTP parser: it had request-smuggling CVEs."""
+    from aiohttp import http_parser
+
+    if http_parser.HttpRequestParser.__module__ != "aiohttp._http_parser":
+        raise ConfigError(
+            "aiohttp's C HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS set, or aiohttp "
+            "built without extensions); refusing the pure-Python parser, which had "
+            "request-smuggling bugs: unset AIOHTTP_NO_EXTENSIONS or reinstall aiohttp from a wheel"
+        )

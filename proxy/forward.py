@@ -1,0 +1,324 @@
+"""HTTP forwarding: one pooled ClientSession, bodies streamed both ways, hop-by-hop removed.
+
+What reaches the upstream is the client's request unchanged in meaning: method, the raw
+path and query byte for byte, headers minus hop-by-hop ones (RFC 9110 7.6.1) plus
+X-Forwarded-* and Via. What comes back is passed on as is: redirects are not followed,
+compressed bodies are not decoded. The upstream's failures become small JSON answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "te", "transfer-encoding", "upgrade", "proxy-connection"}
+)
+VIA = "pollguard"
+# Bodies up to this size are read whole and sent in one write (nginx's proxy_buffering
+# does the same); longer or unsized ones stream chunk by chunk.
+BUFFER_LIMIT = 64 * 1024
+# Headers aiohttp's client would add on its own; a proxy must not invent them.
+_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+_WS_HANDSHAKE = (
+    "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol",
+    "Sec-WebSocket-Extensions", "Sec-WebSocket-Accept",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """What happened to one forwarded request."""
+
+    response: web.StreamResponse
+    status: int | None  # the upstream's status; None when pollguard answered (502, 504, 413, 408)
+    upstream_seconds: float | None  # until the upstream's response headers
+
+
+class _ClientFault(Exception):
+    """The client's body broke a limit while it was being forwarded."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def error_response(status: int, message: str, *, close: bool = False) -> web.Response:
+    """A small JSON answer of pollguard's own (502, 504, 413, 408)."""
+    resp = web.Response(
+        status=status,
+        body=json.dumps({"error": message, "from": "pollguard"}).encode(),
+        content_type="application/json",
+        headers={"X-Pollguard": "error"},
+    )
+    if close:
+        resp.force_close()
+    return resp
+
+
+class Forwarder:
+    """Sends requests to one upstream; `start()` opens the pooled session, `close()` ends it."""
+
+    def __init__(
+        self,
+        upstream: URL,
+        *,
+        timeout: float = 30.0,
+        client_timeout: float = 15.0,
+        max_body_size: int = 100 * 1024 * 1024,
+    ) -> None:
+        self._origin = str(upstream).rstrip("/")
+        self._client_timeout = client_timeout
+        self._max_body = max_body_size
+        # sock_read bounds the wait for the response headers and every gap in the body,
+        # like nginx's proxy_read_timeout; there is no total, so long downloads finish.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=timeout, sock_read=timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=0,  # long-polls hold a connection each; a pool cap would queue them
+            ttl_dns_cache=10,
+            enable_cleanup_closed=False,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
+            trust_env=False,
+            requote_redirect_url=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("Forwarder.start() was not awaited")
+        return self._session
+
+    async def forward(self, request: web.BaseRequest) -> Forwarded:
+        raw = request.raw_path
+        if not raw.startswith("/"):  # absolute-form target (a client speaking to a proxy)
+            raw = request.url.raw_path_qs
+        url = URL(self._origin + raw, encoded=True)
+        headers = request_headers(request)
+        if _is_websocket(request):
+            return await self._websocket(request, url, headers)
+
+        body: AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            length = request.content_length
+            if length is not None and length > self._max_body:
+                resp = error_response(413, "request body too large", close=True)
+                return Forwarded(resp, None, None)
+            body = self._body(request)
+
+        started = time.perf_counter()
+        try:
+            async with self.session.request(
+                request.method, url, headers=headers, data=body, allow_redirects=False
+            ) as up:
+                elapsed = time.perf_counter() - started
+                return Forwarded(await self._respond(request, up), up.status, elapsed)
+        except _ClientFault as exc:
+            return Forwarded(error_response(exc.status, str(exc), close=True), None, None)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            return Forwarded(error_response(504, "upstream timed out"), None, None)
+        except aiohttp.ClientError as exc:
+            fault = _fault_of(exc)
+            if fault is not None:
+                return Forwarded(error_response(fault.status, str(fault), close=True), None, None)
+            return Forwarded(error_response(502, "upstream unreachable"), None, None)
+
+    async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
+        """The client's body as it arrives, cut off when too large or too slow."""
+        content = request.content
+        received = 0
+        while True:
+            try:
+                async with asyncio.timeout(self._client_timeout):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise _ClientFault(408, "request body too slow") from None
+            if not chunk:
+                return
+            received += len(chunk)
+            if received > self._max_body:
+                raise _ClientFault(413, "request body too large")
+            yield chunk
+
+    async def _respond(
+        self, request: web.BaseRequest, up: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        headers = response_headers(up.headers)
+        length = up.content_length
+        no_body = request.method == "HEAD" or up.status in (204, 304) or up.status < 200
+        if not no_body and length is not None and length <= BUFFER_LIMIT:
+            headers.popall("Content-Length", None)
+            return web.Response(
+                status=up.status, reason=up.reason, body=await up.read(), headers=headers
+            )
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        await resp.prepare(request)
+        if no_body:
+            await resp.write_eof()
+            return resp
+        try:
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+        except (aiohttp.ClientError, TimeoutError):
+            # The status line is out: all that is left is to cut the client off, as nginx does,
+            # so it sees a truncated body rather than a complete wrong one.
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
+        await resp.write_eof()
+        return resp
+
+    async def _websocket(
+        self, request: web.BaseRequest, url: URL, headers: CIMultiDict[str]
+    ) -> Forwarded:
+        protocols = [
+            p.strip()
+            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+            if p.strip()
+        ]
+        for name in _WS_HANDSHAKE:
+            headers.popall(name, None)
+        started = time.perf_counter()
+        try:
+            up = await self.session.ws_connect(
+                url, headers=headers, protocols=protocols, autoclose=False, autoping=False,
+                max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=self._client_timeout),
+            )  # fmt: skip
+        except aiohttp.WSServerHandshakeError as exc:
+            return Forwarded(
+                error_response(exc.status, "upstream refused the WebSocket"), exc.status, None
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            return Forwarded(error_response(504, "upstream timed out"), None, None)
+        except aiohttp.ClientError:
+            return Forwarded(error_response(502, "upstream unreachable"), None, None)
+        elapsed = time.perf_counter() - started
+        down = web.WebSocketResponse(
+            protocols=(up.protocol,) if up.protocol else (),
+            autoclose=False,
+            autoping=False,
+            max_msg_size=0,
+        )
+        async with up:
+            await down.prepare(request)
+            await _pump_websockets(down, up)
+        return Forwarded(down, 101, elapsed)
+
+
+async def _pump_websockets(
+    down: web.WebSocketResponse, up: aiohttp.ClientWebSocketResponse
+) -> None:
+    """Copy frames both ways until either side closes; then close the other with its code."""
+
+    async def copy(
+        src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    ) -> None:
+        async for msg in src:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await dst.send_str(msg.data)
+            elif msg.type is aiohttp.WSMsgType.BINARY:
+                await dst.send_bytes(msg.data)
+            elif msg.type is aiohttp.WSMsgType.PING:
+                await dst.ping(msg.data)
+            elif msg.type is aiohttp.WSMsgType.PONG:
+                await dst.pong(msg.data)
+            elif msg.type is aiohttp.WSMsgType.CLOSE:
+                break
+        if not dst.closed:
+            await dst.close(code=src.close_code or aiohttp.WSCloseCode.OK)
+
+    tasks = [asyncio.ensure_future(copy(down, up)), asyncio.ensure_future(copy(up, down))]
+    try:
+        _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _is_websocket(request: web.BaseRequest) -> bool:
+    upgrade = request.headers.get("Upgrade")
+    return upgrade is not None and upgrade.lower() == "websocket" and request.method == "GET"
+
+
+def _fault_of(exc: BaseException) -> _ClientFault | None:
+    """aiohttp wraps what our body generator raised; find it again."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _ClientFault):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(","))
+    return frozenset(tokens)
+
+
+def _end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Every field except hop-by-hop ones: the fixed list, Proxy-*, and those Connection names."""
+    named = _connection_tokens(headers) if "Connection" in headers else frozenset()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in named or lower.startswith("proxy-"):
+            continue
+        out.add(name, value)
+    return out
+
+
+def request_headers(request: web.BaseRequest) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones, plus X-Forwarded-* and Via."""
+    src = request.headers
+    out = _end_to_end(src)
+    peer = request.remote or "unknown"
+    prior = ", ".join(src.getall("X-Forwarded-For", ()))
+    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out["X-Forwarded-Proto"] = request.scheme
+    host = src.get("Host")
+    if host is not None:
+        out["X-Forwarded-Host"] = host
+    _add_via(out, request.version)
+    return out
+
+
+def response_headers(src: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's headers minus hop-by-hop ones, plus Via."""
+    out = _end_to_end(src)
+    _add_via(out, aiohttp.HttpVersion11)
+    return out
+
+
+def _add_via(headers: CIMultiDict[str], version: aiohttp.HttpVersion) -> None:
+    hop = f"{version.major}.{version.minor} {VIA}"
+    prior = ", ".join(headers.getall("Via", ()))
+    headers["Via"] = f"{prior}, {hop}" if prior else hop

@@ -1,0 +1,157 @@
+"""Structured logs: one JSON object per line, for the access log and for events.
+
+Every value is JSON-escaped, so no path or header can start a line of its own. Blocked
+answers carry `"pollguard":"blocked"` (the same words as the X-Pollguard header), the
+marker the seed's incident asked for: `grep '"pollguard":"blocked"'` finds them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import sys
+import time
+from json.encoder import encode_basestring_ascii as _q  # the C encoder, ~20x json.dumps
+from typing import IO, Any
+
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
+
+# The key under which the proxy handler leaves what it decided, for the access log.
+DECISION = "pollguard.decision"
+FLUSH_EVERY = 0.2  # seconds; lines are written in batches, not one syscall each
+FLUSH_BYTES = 64 * 1024
+
+
+@functools.lru_cache(maxsize=4)
+def _second(sec: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+
+
+def _timestamp(now: float) -> str:
+    """RFC 3339 in UTC with milliseconds; the strftime part is computed once a second."""
+    sec = int(now)
+    return f"{_second(sec)}.{int((now - sec) * 1000):03d}Z"
+
+
+class LineSink:
+    """Buffers log lines and writes them in batches from the event loop."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self._buffer: list[bytes] = []
+        self._size = 0
+        self._scheduled = False
+
+    def write(self, line: str) -> None:
+        data = line.encode()
+        self._buffer.append(data)
+        self._size += len(data)
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+        elif not self._scheduled:
+            try:
+                asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
+                self._scheduled = True
+            except RuntimeError:  # no loop (offline use): write through
+                self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._buffer:
+            return
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        self._size = 0
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stdout must not take the proxy down
+
+    def close(self) -> None:
+        self.flush()
+        if self._stream not in (sys.stdout.buffer, sys.stderr.buffer):
+            self._stream.close()
+
+
+def open_sink(target: str) -> LineSink | None:
+    """`-` (stdout), `off`, or a file appended to."""
+    if target == "off":
+        return None
+    if target == "-":
+        return LineSink(sys.stdout.buffer)
+    return LineSink(open(target, "ab"))  # closed by LineSink.close
+
+
+def access_logger(sink: LineSink | None) -> type[AbstractAccessLogger]:
+    """The access logger class for aiohttp's server (it builds the instance), bound to `sink`."""
+    return type("BoundAccessLogger", (AccessLogger,), {"sink": sink})
+
+
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp calls this after every answer, including the 400s it gives on its own."""
+
+    sink: LineSink | None = None
+
+    def log(self, request: BaseRequest, response: StreamResponse, time_: float) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        decision = request.get(DECISION)
+        remote = request.remote or "-"
+        line = (
+            f'{{"time":"{_timestamp(time.time())}","remote":{_q(remote)},'
+            f'"method":{_q(request.method)},"path":{_q(request.raw_path)},'
+            f'"status":{response.status},"bytes":{response.body_length},'
+            f'"ms":{time_ * 1000:.3f}'
+        )
+        if decision is not None:
+            rule, task_id, outcome, upstream = decision
+            line += f',"rule":{_q(rule)},"outcome":"{outcome}"'
+            if task_id is not None:
+                line += f',"task_id":{_q(task_id)}'
+            if upstream is not None:
+                line += f',"upstream_ms":{upstream * 1000:.3f}'
+            if outcome == "blocked":
+                line += ',"pollguard":"blocked"'
+        sink.write(line + "}\n")
+
+    @property
+    def enabled(self) -> bool:
+        return self.sink is not None
+
+
+class JsonFormatter(logging.Formatter):
+    """Event log lines: time, level, event, message, and any `extra=` fields."""
+
+    _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._STANDARD:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_event_log(level: int = logging.INFO) -> None:
+    """Events (start, reload, key blocked, errors) as JSON lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("pollguard")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    for name in ("aiohttp.server", "aiohttp.web"):
+        logging.getLogger(name).handlers[:] = [handler]
+        logging.getLogger(name).propagate = False

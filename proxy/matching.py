@@ -1,0 +1,106 @@
+"""(method, raw path) -> (rule, task id): the key pollguard counts under. Pure, no I/O.
+
+Only the key is normalised; what is forwarded is always the raw path as received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+if TYPE_CHECKING:
+    from proxy.rules import Rule
+
+PLACEHOLDER = "{task_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A rule's path: literal segments around exactly one `{task_id}` segment."""
+
+    before: tuple[str, ...]
+    after: tuple[str, ...]
+
+    @property
+    def length(self) -> int:
+        return len(self.before) + 1 + len(self.after)
+
+
+def parse_template(path: str) -> Template:
+    """`/test/status/{task_id}` -> Template; ValueError says what is wrong."""
+    if not path.startswith("/"):
+        raise ValueError(f"must start with '/', got {path!r}")
+    if "?" in path or "#" in path:
+        raise ValueError(f"must be a path without query or fragment, got {path!r}")
+    segments = [s for s in path.split("/") if s]
+    if path.count(PLACEHOLDER) != 1 or PLACEHOLDER not in segments:
+        raise ValueError(
+            f"must contain {PLACEHOLDER} exactly once, as a whole segment, got {path!r}"
+        )
+    literals = [s for s in segments if s != PLACEHOLDER]
+    if any("{" in s or "}" in s for s in literals):
+        raise ValueError(f"only {PLACEHOLDER} may be in braces, got {path!r}")
+    if any(s in (".", "..") for s in literals):
+        raise ValueError(f"must not contain '.' or '..' segments, got {path!r}")
+    i = segments.index(PLACEHOLDER)
+    return Template(tuple(segments[:i]), tuple(segments[i + 1 :]))
+
+
+def normalize(raw_path: str) -> list[str] | None:
+    """The path's segments as a client means them, or None if they cannot be decoded.
+
+    Percent-decoding happens per segment, so an encoded `/` stays inside its segment;
+    empty segments vanish (`//`, one trailing `/`); dot segments resolve after decoding,
+    so `%2e%2e` is `..`.
+    """
+    path = raw_path.partition("?")[0]
+    out: list[str] = []
+    for seg in path.split("/"):
+        if "%" in seg:
+            try:
+                seg = unquote(seg, errors="strict")
+            except UnicodeDecodeError:
+                return None
+        if not seg or seg == ".":
+            continue
+        if seg == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(seg)
+    return out
+
+
+class Matcher:
+    """Finds the first rule (file name order, then order in the file) a request falls under."""
+
+    __slots__ = ("_by_length", "_methods")
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
+        by_length: dict[int, list[Rule]] = {}
+        methods: set[str] = set()
+        for rule in rules:
+            by_length.setdefault(rule.template.length, []).append(rule)
+            methods.update(rule.methods)
+        self._by_length = by_length
+        self._methods = frozenset(methods)
+
+    def match(self, method: str, raw_path: str) -> tuple[Rule, str] | None:
+        if method not in self._methods:
+            return None
+        segments = normalize(raw_path)
+        if segments is None:
+            return None
+        candidates = self._by_length.get(len(segments))
+        if candidates is None:
+            return None
+        for rule in candidates:
+            if method not in rule.methods:
+                continue
+            t = rule.template
+            n = len(t.before)
+            if tuple(segments[:n]) == t.before and tuple(segments[n + 1 :]) == t.after:
+                return rule, segments[n]
+        return None

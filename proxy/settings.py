@@ -1,0 +1,164 @@
+"""Process settings (listen, upstream, state URL, limits) -> one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from yarl import URL
+
+from proxy.errors import ConfigError
+from proxy.units import parse_duration, parse_size
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything `serve` needs besides the rules; the request path sees only valid values."""
+
+    upstream: URL
+    listen: Address = Address("0.0.0.0", 8080)
+    admin_listen: Address = Address("127.0.0.1", 9090)
+    rules: Path = Path("rules")
+    state: str = "memory://"
+    max_keys: int = 100_000
+    upstream_timeout: float = 30.0
+    admin_token: str | None = None
+    workers: int = 1
+    client_timeout: float = 15.0
+    max_body_size: int = 100 * 1024 * 1024
+    drain_timeout: float = 30.0
+    access_log: str = "-"
+
+
+# flag -> (env var, default); the CLI and the docs both read this table.
+SERVE_OPTIONS: dict[str, tuple[str, str | None, str]] = {
+    "upstream": ("POLLGUARD_UPSTREAM", None, "the backend's base URL, e.g. http://127.0.0.1:5000"),
+    "listen": ("POLLGUARD_LISTEN", "0.0.0.0:8080", "HOST:PORT for client traffic"),
+    "admin_listen": ("POLLGUARD_ADMIN_LISTEN", "127.0.0.1:9090", "HOST:PORT for metrics/admin"),
+    "rules": ("POLLGUARD_RULES", "rules/", "a .toml rule file or a folder of them"),
+    "state": ("POLLGUARD_STATE", "memory://", "memory:// or redis://host:port/db"),
+    "max_keys": ("POLLGUARD_MAX_KEYS", "100000", "memory state: keys kept per process"),
+    "upstream_timeout": (
+        "POLLGUARD_UPSTREAM_TIMEOUT",
+        "30s",
+        "longest wait for the upstream's response headers (and between body reads)",
+    ),
+    "admin_token": ("POLLGUARD_ADMIN_TOKEN", None, "bearer token required on /admin/*"),
+    "workers": ("POLLGUARD_WORKERS", "1", "processes sharing the listen port"),
+    "client_timeout": (
+        "POLLGUARD_CLIENT_TIMEOUT",
+        "15s",
+        "longest a client may take to send headers, between body reads, or idle on keep-alive",
+    ),
+    "max_body_size": ("POLLGUARD_MAX_BODY_SIZE", "100m", "largest request body (413 above)"),
+    "drain_timeout": (
+        "POLLGUARD_DRAIN_TIMEOUT",
+        "30s",
+        "on SIGTERM, how long in-flight requests may finish",
+    ),
+    "access_log": ("POLLGUARD_ACCESS_LOG", "-", "JSON-lines access log: -, a file path, or off"),
+}
+
+
+def build_settings(values: dict[str, str | None]) -> Settings:
+    """Flag/env strings -> Settings; ConfigError names the flag and what it wanted."""
+    upstream = values.get("upstream")
+    if not upstream:
+        raise ConfigError("--upstream is required (or set POLLGUARD_UPSTREAM)")
+    return Settings(
+        upstream=parse_upstream(upstream),
+        listen=_opt(values, "listen", parse_address),
+        admin_listen=_opt(values, "admin_listen", parse_address),
+        rules=Path(_str(values, "rules")),
+        state=_opt(values, "state", parse_state_url),
+        max_keys=_opt(values, "max_keys", _positive_int),
+        upstream_timeout=_opt(values, "upstream_timeout", _positive_duration),
+        admin_token=values.get("admin_token") or None,
+        workers=_opt(values, "workers", _positive_int),
+        client_timeout=_opt(values, "client_timeout", _positive_duration),
+        max_body_size=_opt(values, "max_body_size", parse_size),
+        drain_timeout=_opt(values, "drain_timeout", parse_duration),
+        access_log=_str(values, "access_log"),
+    )
+
+
+def _str(values: dict[str, str | None], key: str) -> str:
+    value = values.get(key)
+    return value if value is not None else (SERVE_OPTIONS[key][1] or "")
+
+
+def _opt(values: dict[str, str | None], key: str, parse: Callable[[str], T]) -> T:
+    text = _str(values, key)
+    try:
+        return parse(text)
+    except ValueError as exc:
+        flag = "--" + key.replace("_", "-")
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
+def parse_upstream(text: str) -> URL:
+    try:
+        url = URL(text)
+    except ValueError as exc:
+        raise ConfigError(f"--upstream: not a URL: {text!r} ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(
+            f"--upstream: must be an http:// or https:// URL with a host, got {text!r}"
+        )
+    if url.query_string or url.fragment:
+        raise ConfigError(f"--upstream: must not have a query or fragment, got {text!r}")
+    try:
+        url.port  # noqa: B018 - yarl validates the port lazily
+    except ValueError:
+        raise ConfigError(f"--upstream: bad port in {text!r}") from None
+    return url
+
+
+def parse_address(text: str) -> Address:
+    """`HOST:PORT`, `:PORT` (all interfaces) or `[v6]:PORT`."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"expected HOST:PORT, got {text!r}") from None
+    return Address(host, int(port_text))
+
+
+def parse_state_url(text: str) -> str:
+    url = URL(text)
+    if text == "memory://" or url.scheme == "memory":
+        return "memory://"
+    if url.scheme in ("redis", "rediss", "unix") and (url.host or url.scheme == "unix"):
+        return text
+    raise ValueError(f"expected memory:// or redis://host:port/db, got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"must be longer than 0, got {text!r}")
+    return seconds

@@ -1,0 +1,103 @@
+"""Key state in this process's memory, bounded by --max-keys (cachetools)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Collection
+
+from cachetools import LRUCache, TLRUCache
+
+from proxy import guard
+from proxy.guard import Action, KeyState, Outcome
+from proxy.rules import Rule
+from proxy.state import Block, Clock, Stats
+
+Key = tuple[str, str]
+
+
+class MemoryState:
+    """Counting keys, blocked keys and seen-alive keys in three separately bounded caches.
+
+    Blocked keys live apart from mere counts, so a flood of unique ids (each one miss)
+    evicts only other counts, never a block. Every entry expires on its own exactly
+    when guard.current() would drop it, so the gauges are exact.
+    """
+
+    def __init__(self, *, max_keys: int = 100_000, clock: Clock = time.time) -> None:
+        self._clock = clock
+        self._windows: dict[str, float] = {}
+        self._counts: TLRUCache[Key, KeyState] = TLRUCache(
+            maxsize=max_keys, ttu=self._count_expiry, timer=clock
+        )
+        self._blocks: TLRUCache[Key, KeyState] = TLRUCache(
+            maxsize=max_keys, ttu=lambda _k, s, _now: s.blocked_until, timer=clock
+        )
+        # Only ever read to choose threshold_after_2xx over threshold; losing an entry
+        # falls back to the stricter first-sight rules, never to a wrong block.
+        self._alive: LRUCache[Key, bool] = LRUCache(maxsize=max_keys)
+
+    def _count_expiry(self, key: Key, state: KeyState, _now: float) -> float:
+        return state.last_miss + self._windows.get(key[0], 0.0)
+
+    async def admit(self, rule: Rule, task_id: str) -> Action:
+        key = (rule.name, task_id)
+        state = self._blocks.get(key)
+        if state is None:
+            return Action.FORWARD
+        action, new = guard.admit(state, rule, self._clock())
+        if new is not state and new is not None:
+            self._blocks[key] = new
+        return action
+
+    async def record(self, rule: Rule, task_id: str, status: int) -> Outcome:
+        key = (rule.name, task_id)
+        blocked = self._blocks.get(key)
+        state = blocked if blocked is not None else self._counts.get(key)
+        alive = key in self._alive
+        out = guard.record(state, rule, self._clock(), status, alive=alive)
+        if out.alive and not alive:
+            self._alive[key] = True
+        new = out.state
+        if new is state:
+            return out
+        if new is None:
+            self._counts.pop(key, None)
+            self._blocks.pop(key, None)
+        elif new.blocked_until:
+            self._counts.pop(key, None)
+            self._blocks[key] = new
+        else:
+            self._windows[rule.name] = rule.window
+            self._counts[key] = new
+        return out
+
+    async def blocks(self, rule: str | None = None) -> list[Block]:
+        self._blocks.expire()
+        return [
+            Block(name, task_id, s.misses, s.blocked_until)
+            for (name, task_id), s in self._blocks.items()
+            if rule is None or name == rule
+        ]
+
+    async def unblock(self, rule: str, task_id: str) -> bool:
+        return self._blocks.pop((rule, task_id), None) is not None
+
+    async def stats(self) -> Stats:
+        self._counts.expire()
+        self._blocks.expire()
+        per_rule = Counter(name for name, _ in self._blocks)
+        return Stats(tracked=len(self._counts) + len(self._blocks), blocked=dict(per_rule))
+
+    async def retain(self, rules: Collection[Rule]) -> None:
+        keep = {r.name for r in rules}
+        self._windows = {r.name: r.window for r in rules}
+        for cache in (self._counts, self._blocks, self._alive):
+            for key in [k for k in cache if k[0] not in keep]:
+                cache.pop(key, None)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,41 @@
+"""Durations and sizes as people write them in flags and rule files."""
+
+from __future__ import annotations
+
+import re
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"(\d+)([kmg]?)b?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(text: str) -> float:
+    """`250ms`, `30s`, `10m`, `1h`, `1d`, or compounds like `1h30m` -> seconds."""
+    text = text.strip()
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"expected a duration like 250ms, 30s, 10m, 1h or 1d, got {text!r}")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact spelling parse_duration reads back (for messages and reports)."""
+    for unit in ("d", "h", "m", "s"):
+        n = seconds / _DURATION_UNITS[unit]
+        if n >= 1 and n == int(n):
+            return f"{int(n)}{unit}"
+    return f"{round(seconds * 1000)}ms"
+
+
+def parse_size(text: str) -> int:
+    """`1048576`, `512k`, `64m`, `1g` (binary multiples) -> bytes."""
+    m = _SIZE.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"expected a size like 512k, 64m or 1g, got {text!r}")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
