@@ -17,10 +17,13 @@ from json.encoder import encode_basestring_ascii as _q  # the C encoder, ~20x js
 from typing import IO, Any
 
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp import web
 from aiohttp.web import BaseRequest, StreamResponse
 
-# The key under which the proxy handler leaves what it decided, for the access log.
-DECISION = "pollguard.decision"
+# What the proxy handler decided, left on the request for the access log:
+# (rule name, task id or None, outcome, upstream seconds or None).
+Decision = tuple[str, str | None, str, float | None]
+DECISION: web.RequestKey[Decision] = web.RequestKey("pollguard.decision")
 FLUSH_EVERY = 0.2  # seconds; lines are written in batches, not one syscall each
 FLUSH_BYTES = 64 * 1024
 

@@ -1,0 +1,87 @@
+"""Fixtures: a real upstream app, a real pollguard on free loopback ports, a movable clock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from proxy.app import Pollguard
+from proxy.rules import RuleSet
+from proxy.settings import Address, Settings
+from proxy.state import StateStore
+from tests.support import FakeClock, Upstream, ruleset
+
+
+class Running:
+    """A started Pollguard and the URLs to reach it."""
+
+    def __init__(self, pg: Pollguard) -> None:
+        self.pg = pg
+        assert pg.proxy_address is not None and pg.admin_address is not None
+        self.base = f"http://127.0.0.1:{pg.proxy_address.port}"
+        self.admin_base = f"http://127.0.0.1:{pg.admin_address.port}"
+
+    def url(self, path: str) -> URL:
+        return URL(self.base + path, encoded=True)
+
+    def admin(self, path: str) -> str:
+        return self.admin_base + path
+
+
+StartPollguard = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> Upstream:
+    up = Upstream()
+    server = await aiohttp_server(up.make_app(), host="127.0.0.1")
+    up.url = str(server.make_url("/")).rstrip("/")
+    return up
+
+
+@pytest.fixture
+async def start_pollguard(
+    upstream: Upstream, clock: FakeClock
+) -> AsyncIterator[StartPollguard]:
+    started: list[Pollguard] = []
+
+    async def start(
+        rules: RuleSet | None = None,
+        *,
+        state: StateStore | None = None,
+        upstream_url: str | None = None,
+        **settings: Any,
+    ) -> Running:
+        base = Settings(
+            upstream=URL(upstream_url or upstream.url),
+            listen=Address("127.0.0.1", 0),
+            admin_listen=Address("127.0.0.1", 0),
+            access_log="off",
+        )
+        pg = Pollguard(replace(base, **settings), rules or ruleset(), state=state, clock=clock)
+        await pg.start()
+        started.append(pg)
+        return Running(pg)
+
+    yield start
+    for pg in started:
+        await pg.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client: no decompression, no redirects followed, no cookies kept."""
+    async with aiohttp.ClientSession(
+        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
+        yield session

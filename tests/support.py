@@ -1,0 +1,188 @@
+"""Test doubles that are real: a clock tests can move, and a real aiohttp upstream app."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import WSMsgType, web
+
+from proxy.rules import RuleSet, parse_rules
+
+EPOCH = 1_800_000_000.0  # 2027-01-15: a plain wall-clock time, far from 0
+
+
+class FakeClock:
+    """Wall-clock seconds that move only when a test says so."""
+
+    def __init__(self, now: float = EPOCH) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def rule_toml(
+    name: str = "task-status",
+    path: str = "/test/status/{task_id}",
+    response: dict[str, Any] | None = None,
+    **keys: Any,
+) -> str:
+    """One [[rule]] table; keys as in the rule file (durations as strings)."""
+    lines = ["[[rule]]", f"name = {toml_value(name)}", f"path = {toml_value(path)}"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
+    if response:
+        lines.append("[rule.response]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in response.items()]
+    return "\n".join(lines) + "\n"
+
+
+def ruleset(*tables: str) -> RuleSet:
+    return parse_rules([("test.toml", "\n".join(tables) or rule_toml())])
+
+
+@dataclass
+class Upstream:
+    """A backend like the seed's: task status by id, plus routes that stress a proxy."""
+
+    url: str = ""
+    statuses: dict[str, int] = field(default_factory=dict)  # task id -> status (default 404)
+    hits: Counter[str] = field(default_factory=Counter)  # task id (as decoded by the route)
+    raw_paths: list[str] = field(default_factory=list)
+    requests: list[web.BaseRequest] = field(default_factory=list)
+    delay: float = 0.0  # seconds before answering /test/status
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/test/status/{task_id}", self.status)
+        app.router.add_route("*", "/echo{tail:.*}", self.echo)
+        app.router.add_post("/upload", self.upload)
+        app.router.add_get("/slow", self.slow)
+        app.router.add_get("/chunked", self.chunked)
+        app.router.add_get("/gzip", self.gzip)
+        app.router.add_get("/redirect", self.redirect)
+        app.router.add_get("/big", self.big)
+        app.router.add_get("/ws", self.websocket)
+        app.on_response_prepare.append(self._remember)
+        return app
+
+    async def _remember(self, request: web.Request, response: web.StreamResponse) -> None:
+        self.raw_paths.append(request.raw_path)
+        self.requests.append(request)
+
+    def hits_for(self, task_id: str) -> int:
+        return self.hits[task_id]
+
+    async def status(self, request: web.Request) -> web.Response:
+        task_id = request.match_info["task_id"]
+        self.hits[task_id] += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        status = self.statuses.get(task_id, 404)
+        if 200 <= status < 300:
+            return web.json_response({"task_id": task_id, "progress": 50}, status=status)
+        return web.json_response({"error": "Task not found"}, status=status)
+
+    async def echo(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response(
+            {
+                "method": request.method,
+                "raw_path": request.raw_path,
+                "headers": list(request.headers.items()),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+                "body_length": len(body),
+            }
+        )
+
+    async def upload(self, request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        size = 0
+        chunks = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+            chunks += 1
+        return web.json_response(
+            {"size": size, "sha256": digest.hexdigest(), "chunks": chunks,
+             "te": request.headers.get("Transfer-Encoding"),
+             "length": request.headers.get("Content-Length")}
+        )  # fmt: skip
+
+    async def slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("delay", "5")))
+        return web.json_response({"slow": True})
+
+    async def chunked(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(int(request.query.get("n", "5"))):
+            await resp.write(f"chunk {i}\n".encode())
+            await asyncio.sleep(float(request.query.get("interval", "0.2")))
+        await resp.write_eof()
+        return resp
+
+    async def gzip(self, request: web.Request) -> web.Response:
+        body = gzip.compress(b'{"compressed": true}' * 100, mtime=0)
+        return web.Response(
+            body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        )
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "/elsewhere"})
+
+    async def big(self, request: web.Request) -> web.Response:
+        return web.Response(body=os.urandom(int(request.query.get("size", "1000000"))))
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=("chat",))
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                await ws.send_str("echo:" + msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                await ws.send_bytes(msg.data[::-1])
+        return ws
+
+
+def require_tool(name: str, package: str) -> str:
+    """The tool's path; skips with the package to install, except under CI=true (fails)."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found: apt-get install -y {package}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def chunks(data: bytes, size: int) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
