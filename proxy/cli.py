@@ -1,13 +1,14 @@
-"""`pollguard serve | check`: argument parsing and exit codes only.
+"""`pollguard serve | check | replay | demo`: argument parsing and exit codes only.
 
 Exit codes: 0 fine; 1 `check` found errors; 2 a person's mistake (flag, URL, port,
-rule file), always as one line on stderr, never a traceback.
+rule file, a log that cannot be read), always as one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -44,7 +45,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate rule files (exit 1 on errors)")
     _add_rules_flag(check)
+
+    replay = commands.add_parser("replay", help="replay access logs through the rules offline")
+    replay.add_argument("logs", nargs="+", metavar="LOG", help="access log (.gz too; - for stdin)")
+    _add_rules_flag(replay)
+    replay.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    replay.add_argument(
+        "--try",
+        dest="tries",
+        action="append",
+        default=[],
+        metavar="'KEY=VALUE ...'",
+        help="also replay with these rule keys changed in every rule (repeatable), "
+        "e.g. --try threshold=3 --try 'threshold=5 grace=30s'",
+    )
+    env, default, help_text = SERVE_OPTIONS["max_keys"]
+    replay.add_argument(
+        "--max-keys",
+        type=_positive_int,
+        default=os.environ.get(env, default),
+        help=f"as for serve: {help_text} (env {env}, default {default})",
+    )
+
+    demo = commands.add_parser("demo", help="sample backend + pollguard + simulated pollers")
+    demo.add_argument("--seconds", type=float, default=15.0, help="how long (default 15)")
+    demo.add_argument("--clients", type=_positive_int, default=60, help="pollers (default 60)")
+    demo.add_argument("--rules", help="rule file or folder (default: ./rules, else the built-in)")
+    demo.add_argument("--log", help="write the sample backend's access log here, for replay")
+    demo.add_argument(
+        "--backend-only",
+        action="store_true",
+        help="only run the sample backend (for docker compose), until stopped",
+    )
+    demo.add_argument("--listen", default="127.0.0.1:5000", help="with --backend-only: HOST:PORT")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _add_rules_flag(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +123,35 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_FOUND_ERRORS
     for rule in rules.rules:
         print(f'{rule.source}: rule "{rule.name}": ok ({rule.mode}, {rule.path})')
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from proxy.replay import render, replay, to_json
+
+    rules = load_rules(args.rules)
+    result = replay(args.logs, rules, tries=args.tries, max_keys=int(args.max_keys))
+    if args.json:
+        print(json.dumps(to_json(result)))
+    else:
+        print(render(result), end="")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy import demo
+    from proxy.settings import parse_address
+
+    if args.backend_only:
+        try:
+            address = parse_address(args.listen)
+        except ValueError as exc:
+            raise ConfigError(f"--listen: {exc}") from None
+        demo.run_backend(address, log=args.log)
+        return EXIT_OK
+    if not 1 <= args.seconds <= 3600:
+        raise ConfigError(f"--seconds: must be from 1 to 3600, got {args.seconds:g}")
+    demo.run_demo(seconds=args.seconds, clients=args.clients, rules=args.rules, log=args.log)
     return EXIT_OK
 
 
@@ -133,4 +202,6 @@ def run(main: Coroutine[Any, Any, None]) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "check": cmd_check,
+    "replay": cmd_replay,
+    "demo": cmd_demo,
 }

@@ -1,0 +1,220 @@
+"""Access-log lines -> (time, method, target, status): nginx/Apache common and combined, werkzeug.
+
+One pattern reads every supported form, so the format is decided line by line:
+
+    10.0.0.7 - - [22/Feb/2026:10:30:00 +0800] "GET /test/status/x HTTP/1.1" 404 27      common
+    ... the same ... 404 27 "-" "Mozilla/5.0 ..."                                      combined
+    127.0.0.1 - - [22/Feb/2026 10:30:00] "GET /test/status/x HTTP/1.1" 404 -           werkzeug
+    [22/Feb/2026 10:30:00] "GET /test/status/x HTTP/1.1" 404 -                         werkzeug
+
+Anything may precede the bracketed time (`INFO:werkzeug:`, a container name), and
+werkzeug's terminal colours are ignored. Times without a zone (werkzeug's) are taken
+as UTC: replay only ever compares them with each other. Lines are untrusted input:
+every function here returns None for a line it cannot read and never raises.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime
+import functools
+import io
+import math
+import re
+import sys
+import zlib
+from collections.abc import Iterator
+from typing import BinaryIO
+
+# (seconds since the epoch, the request line as logged, status); split_request reads the
+# request line. They are apart because a log repeats the same request line many times over.
+Record = tuple[float, bytes, int]
+
+# Longer lines are cut here: a line with a 100 kB user agent still parses (the request
+# comes first), and a file without newlines cannot fill the memory.
+MAX_LINE = 16 * 1024
+CHUNK = 1024 * 1024
+_GZIP = 16 + zlib.MAX_WBITS  # zlib's window bits meaning: a gzip header, not zlib's
+
+# The common case, fast; then the same with the escapes Apache writes inside the request.
+_LINE = re.compile(rb'\[([^\]]{20,26})\] "([^"\\]*)" (\d{3})(?![^ \r\n])')
+_LINE_ESCAPED = re.compile(rb'\[([^\]]{20,26})\] "([^"\\]*(?:\\.[^"\\]*)*)" (\d{3})(?![^ \r\n])')
+_STAMP = re.compile(rb"\d\d/[A-Z][a-z][a-z]/\d{4}(?::\d\d:\d\d:\d\d [+-]\d{4}| \d\d:\d\d:\d\d)")
+_COLOUR = re.compile(rb"\x1b\[[0-9;]*m")
+_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})|\\(.)")
+_MONTHS = {
+    m.encode(): i
+    for i, m in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
+    )
+}
+
+
+class LogReader:
+    """One log's records, in the order written; counts its lines and those it could not read.
+
+    Iterating raises ValueError, naming the log, if it cannot be read to the end (not valid
+    gzip, a read error); a line it cannot read is only counted.
+    """
+
+    def __init__(self, name: str, stream: BinaryIO) -> None:
+        self.name = name
+        self.stream = stream
+        self.lines = 0
+        self.unparsed = 0
+        self.first = math.inf  # the earliest and the latest time of a line read
+        self.last = -math.inf
+
+    def __iter__(self) -> Iterator[Record]:
+        # One loop with everything inline: this runs for every line of a day of logs.
+        times: dict[bytes, float] = {}  # a busy log repeats each second many times
+        fast, escaped = _LINE.search, _LINE_ESCAPED.search
+        lines = unparsed = 0
+        first, last = self.first, self.last
+        try:
+            for line in read_lines(self.stream):
+                lines += 1
+                if b"\x1b" in line:
+                    line = _COLOUR.sub(b"", line)
+                m = fast(line) or escaped(line)
+                if m is None:
+                    unparsed += 1
+                    continue
+                stamp, request, status = m.groups()
+                when = times.get(stamp)
+                if when is None:
+                    when = parse_time(stamp)
+                    if when is None:
+                        unparsed += 1
+                        continue
+                    if len(times) >= 4096:
+                        times.clear()
+                    times[stamp] = when
+                if when < first:
+                    first = when
+                if when > last:
+                    last = when
+                yield when, request, int(status)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{self.name}: cannot read: {exc}") from None
+        finally:
+            self.lines += lines
+            self.unparsed += unparsed
+            self.first, self.last = first, last
+
+
+def parse_line(line: bytes) -> Record | None:
+    """One line on its own (LogReader reads a whole log faster); None if it cannot be read."""
+    reader = LogReader("line", io.BytesIO(line))
+    return next(iter(reader), None)
+
+
+def split_request(request: bytes) -> tuple[str, str] | None:
+    """`GET /path HTTP/1.1` (or HTTP/0.9's `GET /path`) -> (method, target as sent).
+
+    None for what was never an HTTP request (nginx logs `-` and stray bytes too).
+    """
+    parts = request.split(b" ")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        return None
+    target = parts[1]
+    if b"\\" in target:
+        target = _unescape(target)
+    return parts[0].decode("latin-1"), target.decode("utf-8", "surrogateescape")
+
+
+def parse_time(stamp: bytes) -> float | None:
+    """`22/Feb/2026:10:30:00 +0800` or `22/Feb/2026 10:30:00` (taken as UTC) -> epoch seconds."""
+    if not _STAMP.fullmatch(stamp):
+        return None
+    midnight = _midnight(stamp[:11])
+    if midnight is None:
+        return None
+    hours, minutes, seconds = int(stamp[12:14]), int(stamp[15:17]), int(stamp[18:20])
+    if hours > 23 or minutes > 59 or seconds > 60:  # 60: a leap second
+        return None
+    t = midnight + hours * 3600 + minutes * 60 + seconds
+    if len(stamp) > 20:
+        offset = int(stamp[22:24]) * 3600 + int(stamp[24:26]) * 60
+        t += -offset if stamp[21:22] == b"+" else offset
+    return float(t)
+
+
+@functools.lru_cache(maxsize=64)
+def _midnight(date: bytes) -> int | None:
+    """`22/Feb/2026` -> its 00:00 UTC in epoch seconds; None for a month or day that is not."""
+    try:
+        return calendar.timegm(
+            datetime.date(int(date[7:11]), _MONTHS[date[3:6]], int(date[0:2])).timetuple()
+        )
+    except (KeyError, ValueError, OverflowError):
+        return None
+
+
+def _unescape(target: bytes) -> bytes:
+    r"""Undo the logger's escaping: nginx writes `"` as `\x22`, Apache as `\"`."""
+
+    def one(m: re.Match[bytes]) -> bytes:
+        return bytes([int(m.group(1), 16)]) if m.group(1) else m.group(2)
+
+    return _ESCAPE.sub(one, target)
+
+
+def open_log(name: str) -> BinaryIO:
+    """A log file, or stdin for `-`; OSError if it cannot be opened. read_lines decompresses."""
+    if name == "-":
+        return sys.stdin.buffer
+    return open(name, "rb")  # noqa: SIM115 - the caller closes what this returns
+
+
+def _chunks(stream: BinaryIO) -> Iterator[bytes]:
+    """The stream's bytes, gunzipped if it starts like gzip (so `.gz` on stdin works too).
+
+    Decompression is bounded per step (a small file cannot expand into memory all at
+    once); concatenated gzip members are read one after another, like zcat.
+    ValueError for data that is not valid gzip, or ends in the middle of a member.
+    """
+    data = stream.read(CHUNK)
+    if data[:2] != b"\x1f\x8b":
+        while data:
+            yield data
+            data = stream.read(CHUNK)
+        return
+    inflate = zlib.decompressobj(_GZIP)
+    while data:
+        if inflate.eof:  # the previous member ended and another follows
+            inflate = zlib.decompressobj(_GZIP)
+        try:
+            out = inflate.decompress(data, CHUNK)
+            while out:
+                yield out
+                out = inflate.decompress(inflate.unconsumed_tail, CHUNK)
+        except zlib.error as exc:
+            raise ValueError(f"not valid gzip data: {exc}") from None
+        data = inflate.unused_data if inflate.eof else b""
+        if not data:
+            data = stream.read(CHUNK)
+    if not inflate.eof:
+        raise ValueError("the gzip data ends early (a file still being written?)")
+
+
+def read_lines(stream: BinaryIO) -> Iterator[bytes]:
+    """The stream's lines without line ends, each cut to MAX_LINE bytes; memory stays bounded."""
+    rest = b""
+    overlong = False
+    for chunk in _chunks(stream):
+        lines = chunk.split(b"\n")
+        lines[0] = rest + lines[0]
+        rest = lines.pop()
+        for line in lines:
+            if overlong:
+                overlong = False  # the tail of a line already given (cut)
+                continue
+            yield line[:MAX_LINE] if len(line) > MAX_LINE else line
+        if len(rest) > MAX_LINE:
+            if not overlong:
+                yield rest[:MAX_LINE]
+            overlong = True
+            rest = b""
+    if rest and not overlong:
+        yield rest

@@ -1,0 +1,400 @@
+"""`pollguard replay`: access logs fed through the rules offline, each line's time as the clock.
+
+Every matched line goes through the same Matcher and the same store as `serve`
+(MemoryState, which runs guard.py), in the order ProxyHandler takes: admit first; a
+BLOCK means the request would never have reached the upstream, so its logged status
+is counted as avoided and not recorded; FORWARD and PROBE record the logged status.
+Observe-mode rules count their would-blocks the same way, as the handler does.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proxy.errors import ConfigError, RulesError
+from proxy.guard import Action
+from proxy.logformats import LogReader, open_log, split_request
+from proxy.matching import Matcher
+from proxy.rules import RuleSet, parse_rules
+from proxy.state.memory import MemoryState
+
+# The rule keys a --try may change: the engine's settings, not what a rule matches or answers.
+TUNABLE = (
+    "threshold", "threshold_after_2xx", "grace", "window", "block_for", "probe_every",
+    "mode", "miss_statuses",
+)  # fmt: skip
+MEMO_SIZE = 65_536  # request lines whose match is remembered
+
+
+@dataclass(slots=True)
+class RuleCounts:
+    """What one rule did to the logged traffic (the SPEC's five numbers, and time to block)."""
+
+    matched: int = 0
+    forwarded: int = 0
+    avoided: int = 0
+    keys_blocked: int = 0
+    false_blocks: int = 0
+    # per key blocked: seconds and misses from the first miss of its run to the block
+    to_block: list[tuple[float, int]] = field(default_factory=list)
+
+    def spec(self) -> dict[str, int]:
+        return {
+            "matched": self.matched,
+            "forwarded": self.forwarded,
+            "avoided": self.avoided,
+            "keys_blocked": self.keys_blocked,
+            "false_blocks": self.false_blocks,
+        }
+
+
+class LogClock:
+    """The replay's clock: the time of the line being replayed, never going backwards.
+
+    Apache logs when a request began, so lines can be out of order by a request's
+    duration; a live proxy's clock would not have run backwards over them either.
+    """
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = -math.inf
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Engine:
+    """One set of rules with its own store, fed the matched lines; ProxyHandler's order."""
+
+    def __init__(
+        self, rules: RuleSet, clock: LogClock, *, max_keys: int, label: str = "", trace: bool = False
+    ) -> None:
+        self.label = label
+        # every decision, in order, when asked for (tests hold them against the live proxy)
+        self.trace: list[tuple[str, str, Action]] | None = [] if trace else None
+        self.rules = rules
+        self.state = MemoryState(max_keys=max_keys, clock=clock)
+        self._by_name = {r.name: r for r in rules.rules}
+        self.counts = {r.name: RuleCounts() for r in rules.rules}
+
+    def feed(self, name: str, task_id: str, status: int, now: float) -> Action:
+        """One logged request the matcher put under rule `name`; returns what pollguard does."""
+        rule = self._by_name[name]
+        counts = self.counts[name]
+        counts.matched += 1
+        action = self.state.admit_sync(rule, task_id)
+        if self.trace is not None:
+            self.trace.append((name, task_id, action))
+        if action is Action.BLOCK:
+            # enforce answers it; observe forwards it but keeps it out of the state too
+            counts.avoided += 1
+            if 200 <= status < 300:
+                counts.false_blocks += 1
+            return action
+        counts.forwarded += 1
+        out = self.state.record_sync(rule, task_id, status)
+        if out.blocked and out.state is not None:
+            counts.keys_blocked += 1
+            counts.to_block.append((now - out.state.first_miss, out.state.misses))
+        return action
+
+
+@dataclass(slots=True)
+class Tally:
+    """Lines read across every log, and the time span of those parsed."""
+
+    lines: int = 0
+    unparsed: int = 0
+    first: float = math.inf
+    last: float = -math.inf
+
+    @property
+    def requests(self) -> int:
+        return self.lines - self.unparsed
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    tally: Tally
+    engines: tuple[Engine, ...]  # the rules as written first, then one per --try
+
+
+def replay(
+    logs: Sequence[str],
+    rules: RuleSet,
+    *,
+    tries: Sequence[str] = (),
+    max_keys: int = 100_000,
+    trace: bool = False,
+) -> Result:
+    """Replay `logs` (paths, `-` for stdin) through `rules` and through each --try variant.
+
+    ConfigError for a log that cannot be read or a --try that is not valid.
+    """
+    clock = LogClock()
+    engines = [Engine(rules, clock, max_keys=max_keys, trace=trace)]
+    engines += [Engine(vary(rules, t), clock, max_keys=max_keys, label=t) for t in tries]
+    matcher = Matcher(rules.rules)
+    readers = []
+    with ExitStack() as stack:
+        for name in logs:
+            try:
+                readers.append(LogReader(name, stack.enter_context(open_log(name))))
+            except OSError as exc:
+                raise ConfigError(f"{name}: cannot open: {exc.strerror or exc}") from None
+        # Several logs merge by time: rotated files can come in any order
+        # (access.log access.log.1 ...), and replicas' logs interleave.
+        records = readers[0] if len(readers) == 1 else heapq.merge(*readers)
+        match = _memo(matcher)
+        try:
+            for when, request, status in records:
+                if when > clock.now:
+                    clock.now = when
+                hit = match(request)
+                if hit is None:
+                    continue
+                name, task_id = hit
+                for engine in engines:
+                    engine.feed(name, task_id, status, clock.now)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    tally = Tally(
+        lines=sum(r.lines for r in readers),
+        unparsed=sum(r.unparsed for r in readers),
+        first=min(r.first for r in readers),
+        last=max(r.last for r in readers),
+    )
+    return Result(tally, tuple(engines))
+
+
+def _memo(matcher: Matcher) -> Callable[[bytes], tuple[str, str] | None]:
+    """matcher.match for a logged request line, remembered: a log repeats each poll many times."""
+    seen: dict[bytes, tuple[str, str] | None] = {}
+
+    def match(request: bytes) -> tuple[str, str] | None:
+        try:
+            return seen[request]
+        except KeyError:
+            pass
+        split = split_request(request)
+        hit = matcher.match(*split) if split is not None else None
+        if len(seen) >= MEMO_SIZE:
+            seen.clear()
+        seen[request] = found = (hit[0].name, hit[1]) if hit is not None else None
+        return found
+
+    return match
+
+
+def vary(rules: RuleSet, text: str) -> RuleSet:
+    """The rules as their files say, with `KEY=VALUE ...` set in every rule (--try).
+
+    The changed files are read again by rules.py, so defaults follow as they would in a
+    file: `threshold=3` also moves a `threshold_after_2xx` the file leaves unset.
+    """
+    changes = parse_try(text)
+    texts = []
+    for source in rules.sources:
+        try:
+            doc = tomllib.loads(Path(source).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"--try {text!r}: cannot read {source} again: {exc}") from None
+        for table in doc.get("rule", []):
+            table.update(changes)
+        texts.append((source, _dump(doc)))
+    try:
+        return parse_rules(texts)
+    except RulesError as exc:
+        raise ConfigError(f"--try {text!r}: {exc.errors[0]}") from None
+
+
+def parse_try(text: str) -> dict[str, Any]:
+    """`threshold=3 grace=30s` -> {"threshold": 3, "grace": "30s"}; values as in a rule file,
+    where a bare word is a string (so shells need no quotes)."""
+    changes: dict[str, Any] = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise ConfigError(f"--try {text!r}: expected KEY=VALUE, got {item!r}")
+        if key not in TUNABLE:
+            raise ConfigError(
+                f"--try {text!r}: cannot vary {key!r}; one of: {', '.join(TUNABLE)}"
+            )
+        try:
+            changes[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            changes[key] = value
+    if not changes:
+        raise ConfigError("--try: expected KEY=VALUE, e.g. --try threshold=3")
+    return changes
+
+
+def _dump(doc: dict[str, Any]) -> str:
+    """The few TOML shapes a rule file uses, written back (tomllib only reads)."""
+    out = []
+    for table in doc.get("rule", []):
+        out.append("[[rule]]")
+        out += [f"{key} = {_value(value)}" for key, value in table.items()]
+    return "\n".join(out) + "\n"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return '"' + "".join(c if c >= " " and c != "\x7f" else f"\\u{ord(c):04x}" for c in escaped) + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_value(str(k))} = {_value(v)}" for k, v in value.items()) + " }"
+    raise ConfigError(f"cannot write {value!r} back as TOML")
+
+
+def percentile(values: Iterable[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..1) of a non-empty collection."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p * len(ordered)) - 1)]
+
+
+def to_json(result: Result) -> dict[str, Any]:
+    """The SPEC's object first (`lines`, `unparsed`, `rules`: five numbers each); extras beside it."""
+    base, *variants = result.engines
+    tally = result.tally
+    out: dict[str, Any] = {
+        "lines": tally.lines,
+        "unparsed": tally.unparsed,
+        "rules": {name: c.spec() for name, c in base.counts.items()},
+        "requests": tally.requests,
+        "from": _iso(tally.first),
+        "to": _iso(tally.last),
+    }
+    out.update(_extras(base, tally))
+    out["variants"] = [
+        {"try": v.label, "rules": {n: c.spec() for n, c in v.counts.items()}, **_extras(v, tally)}
+        for v in variants
+    ]
+    return out
+
+
+def _extras(engine: Engine, tally: Tally) -> dict[str, Any]:
+    total = _total(engine)
+    details = {}
+    for rule in engine.rules.rules:
+        counts = engine.counts[rule.name]
+        details[rule.name] = {
+            "mode": rule.mode,
+            "avoided_share": _share(counts.avoided, tally.requests),
+            "to_block": _to_block(counts),
+        }
+    return {
+        "total": {**total.spec(), "avoided_share": _share(total.avoided, tally.requests)},
+        "details": details,
+    }
+
+
+def _total(engine: Engine) -> RuleCounts:
+    total = RuleCounts()
+    for c in engine.counts.values():
+        total.matched += c.matched
+        total.forwarded += c.forwarded
+        total.avoided += c.avoided
+        total.keys_blocked += c.keys_blocked
+        total.false_blocks += c.false_blocks
+        total.to_block += c.to_block
+    return total
+
+
+def _to_block(counts: RuleCounts) -> dict[str, float] | None:
+    if not counts.to_block:
+        return None
+    seconds = [s for s, _ in counts.to_block]
+    misses = [m for _, m in counts.to_block]
+    return {
+        "seconds_median": percentile(seconds, 0.5),
+        "seconds_p90": percentile(seconds, 0.9),
+        "misses_median": percentile(misses, 0.5),
+        "misses_p90": percentile(misses, 0.9),
+    }
+
+
+def _share(part: int, whole: int) -> float:
+    return round(part / whole, 6) if whole else 0.0
+
+
+def _iso(t: float) -> str | None:
+    if not math.isfinite(t):
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def render(result: Result) -> str:
+    """The report for people: one table (a row per rule and --try), then time to block."""
+    tally = result.tally
+    lines = [_headline(result)]
+    header = ("rule", "mode", "matched", "forwarded", "avoided", "share", "keys blocked",
+              "false blocks")  # fmt: skip
+    rows: list[tuple[str, ...]] = []
+    timing = []
+    for engine in result.engines:
+        suffix = f" [{engine.label}]" if engine.label else ""
+        named = [(r.name + suffix, r.mode, engine.counts[r.name]) for r in engine.rules.rules]
+        if len(named) > 1:
+            named.append(("total" + suffix, "", _total(engine)))
+        for name, mode, c in named:
+            rows.append((name, mode, f"{c.matched:,}", f"{c.forwarded:,}", f"{c.avoided:,}",
+                         f"{_share(c.avoided, tally.requests):.1%}", f"{c.keys_blocked:,}",
+                         f"{c.false_blocks:,}"))  # fmt: skip
+            t = _to_block(c)
+            if t is not None and mode:
+                timing.append(
+                    f"  {name}: median {_duration(t['seconds_median'])} "
+                    f"({t['misses_median']:.0f} misses), p90 {_duration(t['seconds_p90'])} "
+                    f"({t['misses_p90']:.0f} misses)"
+                )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+    if timing:
+        lines += ["", "From a key's first miss to its block:", *timing]
+    lines += [
+        "",
+        f"avoided: logged requests the rule would have answered itself; share: of all "
+        f"{tally.requests:,} requests read.",
+        "false blocks: avoided requests the log shows answered 2xx (the cost of the threshold).",
+    ]
+    if any(r.mode == "observe" for e in result.engines for r in e.rules.rules):
+        lines.append(
+            "observe rules: avoided is what enforce would answer (live, they count would_block)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _headline(result: Result) -> str:
+    tally = result.tally
+    span = ""
+    if math.isfinite(tally.first):
+        start, end = _iso(tally.first), _iso(tally.last)
+        span = f", {start} to {end} ({_duration(tally.last - tally.first)})"
+    return f"Replayed {tally.lines:,} lines{span}; {tally.unparsed:,} unparsed (skipped).\n"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
