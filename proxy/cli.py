@@ -127,7 +127,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from proxy.replay import render, replay, to_json
+    from proxy.replay import replay
+    from proxy.replay_report import render, to_json
 
     rules = load_rules(args.rules)
     result = replay(args.logs, rules, tries=args.tries, max_keys=int(args.max_keys))

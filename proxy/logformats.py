@@ -42,6 +42,7 @@ _LINE_ESCAPED = re.compile(rb'\[([^\]]{20,26})\] "([^"\\]*(?:\\.[^"\\]*)*)" (\d{
 _STAMP = re.compile(rb"\d\d/[A-Z][a-z][a-z]/\d{4}(?::\d\d:\d\d:\d\d [+-]\d{4}| \d\d:\d\d:\d\d)")
 _COLOUR = re.compile(rb"\x1b\[[0-9;]*m")
 _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})|\\(.)")
+_STATUSES = {str(n).encode(): n for n in range(100, 1000)}
 _MONTHS = {
     m.encode(): i
     for i, m in enumerate(
@@ -66,35 +67,36 @@ class LogReader:
         self.last = -math.inf
 
     def __iter__(self) -> Iterator[Record]:
-        # One loop with everything inline: this runs for every line of a day of logs.
+        # Everything inline, in one generator: this runs for every line of a day of logs.
         times: dict[bytes, float] = {}  # a busy log repeats each second many times
         fast, escaped = _LINE.search, _LINE_ESCAPED.search
         lines = unparsed = 0
         first, last = self.first, self.last
         try:
-            for line in read_lines(self.stream):
-                lines += 1
-                if b"\x1b" in line:
-                    line = _COLOUR.sub(b"", line)
-                m = fast(line) or escaped(line)
-                if m is None:
-                    unparsed += 1
-                    continue
-                stamp, request, status = m.groups()
-                when = times.get(stamp)
-                if when is None:
-                    when = parse_time(stamp)
-                    if when is None:
+            for block in _line_blocks(self.stream):
+                lines += len(block)
+                for line in block:
+                    if len(line) > MAX_LINE:
+                        line = line[:MAX_LINE]
+                    m = fast(line) or escaped(line)
+                    if m is None:
                         unparsed += 1
                         continue
-                    if len(times) >= 4096:
-                        times.clear()
-                    times[stamp] = when
-                if when < first:
-                    first = when
-                if when > last:
-                    last = when
-                yield when, request, int(status)
+                    stamp, request, status = m.groups()
+                    when = times.get(stamp)
+                    if when is None:
+                        when = parse_time(stamp)
+                        if when is None:
+                            unparsed += 1
+                            continue
+                        if len(times) >= 4096:
+                            times.clear()
+                        times[stamp] = when
+                    if when < first:
+                        first = when
+                    if when > last:
+                        last = when
+                    yield when, request, _STATUSES[status]
         except (OSError, ValueError) as exc:
             raise ValueError(f"{self.name}: cannot read: {exc}") from None
         finally:
@@ -161,10 +163,10 @@ def _unescape(target: bytes) -> bytes:
 
 
 def open_log(name: str) -> BinaryIO:
-    """A log file, or stdin for `-`; OSError if it cannot be opened. read_lines decompresses."""
+    """A log file, or stdin for `-`; OSError if it cannot be opened. LogReader decompresses."""
     if name == "-":
         return sys.stdin.buffer
-    return open(name, "rb")  # noqa: SIM115 - the caller closes what this returns
+    return open(name, "rb")
 
 
 def _chunks(stream: BinaryIO) -> Iterator[bytes]:
@@ -198,23 +200,28 @@ def _chunks(stream: BinaryIO) -> Iterator[bytes]:
         raise ValueError("the gzip data ends early (a file still being written?)")
 
 
-def read_lines(stream: BinaryIO) -> Iterator[bytes]:
-    """The stream's lines without line ends, each cut to MAX_LINE bytes; memory stays bounded."""
+def _line_blocks(stream: BinaryIO) -> Iterator[list[bytes]]:
+    """The stream's lines, without line ends, a block (of about CHUNK bytes) at a time.
+
+    A line longer than MAX_LINE that spans blocks is cut there, so memory stays bounded
+    even for a file without line ends; terminal colours are taken out.
+    """
     rest = b""
-    overlong = False
+    overlong = False  # in the middle of a line already given (cut)
     for chunk in _chunks(stream):
+        if b"\x1b" in chunk:
+            chunk = _COLOUR.sub(b"", chunk)
         lines = chunk.split(b"\n")
         lines[0] = rest + lines[0]
         rest = lines.pop()
-        for line in lines:
-            if overlong:
-                overlong = False  # the tail of a line already given (cut)
-                continue
-            yield line[:MAX_LINE] if len(line) > MAX_LINE else line
+        if overlong and lines:
+            del lines[0]
+            overlong = False
+        yield lines
         if len(rest) > MAX_LINE:
             if not overlong:
-                yield rest[:MAX_LINE]
+                yield [rest[:MAX_LINE]]
             overlong = True
             rest = b""
     if rest and not overlong:
-        yield rest
+        yield [rest]

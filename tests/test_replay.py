@@ -1,4 +1,4 @@
-"""`pollguard replay`: log formats, hostile lines, the JSON shape, and agreement with the live proxy."""
+"""`pollguard replay`: log formats, hostile lines, the JSON shape, agreement with the live proxy."""
 
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ from aiohttp import web
 from proxy.errors import ConfigError
 from proxy.guard import Action
 from proxy.logformats import parse_line
-from proxy.replay import replay, to_json
+from proxy.replay import replay
+from proxy.replay_report import to_json
 from proxy.rules import load_rules
 from tests.conftest import StartPollguard
 from tests.support import EPOCH, FakeClock, rule_toml, ruleset
 
 ROOT = Path(__file__).resolve().parents[1]
-MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 SPEC_RULE_KEYS = {"matched", "forwarded", "avoided", "keys_blocked", "false_blocks"}
 
 
@@ -107,7 +108,7 @@ def seed_polls(task: str, statuses: list[int], form: str = "werkzeug", every: in
             id="werkzeug-without-address",
         ),
         pytest.param(
-            'INFO:werkzeug:127.0.0.1 - - [22/Feb/2026 10:30:00] '
+            "INFO:werkzeug:127.0.0.1 - - [22/Feb/2026 10:30:00] "
             '"\x1b[33mGET /test/status/a HTTP/1.1\x1b[0m" 404 -\r',
             (1771756200.0, b"GET /test/status/a HTTP/1.1", 404),
             id="werkzeug-logging-prefix-colours-crlf",
@@ -129,7 +130,9 @@ def test_each_format_is_read(line: str, expected: tuple[float, bytes, int]) -> N
         pytest.param("", id="empty"),
         pytest.param("garbage", id="garbage"),
         pytest.param('[22/Feb/2026 10:30:00] "GET /test/status/a HTTP/1.1" 4040 -', id="status"),
-        pytest.param('[31/Feb/2026 10:30:00] "GET /test/status/a HTTP/1.1" 404 -', id="no-such-day"),
+        pytest.param(
+            '[31/Feb/2026 10:30:00] "GET /test/status/a HTTP/1.1" 404 -', id="no-such-day"
+        ),
         pytest.param('[22/Foo/2026 10:30:00] "GET /test/status/a HTTP/1.1" 404 -', id="month"),
         pytest.param('[22/Feb/2026 25:30:00] "GET /test/status/a HTTP/1.1" 404 -', id="hour"),
         pytest.param('[22/Feb/0000 10:30:00] "GET /test/status/a HTTP/1.1" 404 -', id="year-0"),
@@ -285,7 +288,9 @@ def test_grace_and_threshold_after_2xx_flow_through(tmp_path: Path) -> None:
         line.replace(" 404 ", " 200 ", 1) if i == 0 else line
         for i, line in enumerate(seed_polls("old", [404] * 20))
     ]
-    log = write(tmp_path / "a.log", [x for pair in zip(never_alive, alive_first) for x in pair])
+    log = write(
+        tmp_path / "a.log", [x for pair in zip(never_alive, alive_first, strict=True) for x in pair]
+    )
     rules_file = tmp_path / "r.toml"  # --try reads the rule files again
     rules_file.write_text(rule_toml(threshold=3, threshold_after_2xx=2, grace="30s"))
     rules = load_rules(rules_file)
@@ -401,7 +406,9 @@ async def test_replay_agrees_with_the_live_proxy(
     def metric(name: str, **labels: str) -> int:
         want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         prefix = f"{name}{{{want}}} "
-        return int(float(next(m for m in metrics.splitlines() if m.startswith(prefix))[len(prefix):]))
+        return int(
+            float(next(m for m in metrics.splitlines() if m.startswith(prefix))[len(prefix) :])
+        )
 
     done = cli("replay", str(log), "--rules", str(rules_file), "--json")
     assert done.returncode == 0, done.stderr

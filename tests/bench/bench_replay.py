@@ -30,7 +30,7 @@ from proxy.rules import load_rules  # noqa: E402
 
 DAY = 86_400
 START = 1_771_718_400  # 2026-02-22 00:00:00 UTC
-MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 OTHER = [
     ("GET", "/api/user/profile", 200),
     ("GET", "/static/app.js", 304),
