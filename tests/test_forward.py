@@ -353,6 +353,33 @@ async def test_a_chunked_upstream_response_is_reframed_not_doubly_chunked(
 
 # --- 2. raw path and query ----------------------------------------------------------------
 
+ODD_TARGETS = [
+    "/echo//a//b",
+    "/echo/%2e%2e/%2E%2E/x",
+    "/echo/./a/../b",
+    "/echo/a%2Fb%2fc",
+    "/echo/%7e~%7E",
+    "/echo/a%00b",
+    "/echo/caf%C3%A9",
+    "/echo?a=1&a=2&&b=%zz;c=d+e%20f",
+    "/echo?q=/x?y=1",
+    "/echo?",
+    "/echo/?%",
+    "/echo#not-a-fragment",
+    "//echo",
+]
+
+
+async def test_raw_path_and_query_are_forwarded_byte_for_byte(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect
+) -> None:
+    pg = await start_pollguard()
+    conn = await connect(pg)
+    for target in ODD_TARGETS:
+        await conn.send(f"GET {target} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        await conn.response()
+    assert upstream.raw_paths == ODD_TARGETS
+
 
 async def test_an_absolute_form_target_is_forwarded_as_its_path(
     start_pollguard: StartPollguard, upstream: Upstream, connect: Connect
