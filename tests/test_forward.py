@@ -667,6 +667,23 @@ async def test_an_idle_connection_is_closed_after_client_timeout(
     assert time.monotonic() - started < 1.5
 
 
+async def test_a_body_slower_than_client_timeout_is_cut_off(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    pg = await start_pollguard(client_timeout=1.0)
+    conn = await connect(pg)
+    await conn.send(
+        b"POST /upload/watched HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n0123456789"
+    )
+    started = time.monotonic()
+    rest = await conn.closed_within(3.0)  # answered and closed at once, no lingering
+    assert 1.0 <= time.monotonic() - started < 1.5
+    assert rest.startswith(b"HTTP/1.1 408 ")
+    assert upstream.requests == []  # the upstream never got a complete request to answer
+    await assert_serves(http, pg)
+
+
 async def test_a_body_over_max_body_size_declared_by_content_length_is_413_unforwarded(
     start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
     http: aiohttp.ClientSession,
@@ -752,6 +769,81 @@ async def test_a_malformed_chunked_body_is_400_and_never_forwarded(
     )
     assert rest.status == 400
     assert upstream.arrived == []
+    await assert_serves(http, pg)
+
+
+async def test_a_chunked_body_turning_malformed_midway_is_cut_off_within_client_timeout(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    pg = await start_pollguard(client_timeout=1.0)
+    conn = await connect(pg)
+    await conn.send(
+        b"POST /upload/watched HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n"
+    )
+    async with asyncio.timeout(2):  # the head and the first chunk have gone upstream
+        while upstream.received < 5:
+            await asyncio.sleep(0.01)
+    started = time.monotonic()
+    await conn.send(b"zz\r\nnope\r\n0\r\n\r\n")
+    rest = await conn.closed_within(3.0)
+    # aiohttp's parser queues its 400 behind the request in flight and leaves that
+    # request's body waiting rather than failing it, so the body timeout ends it: a 408.
+    assert rest.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 408 "))
+    assert time.monotonic() - started < 2.0
+    assert upstream.requests == []  # the upstream never got a complete request to answer
+    await assert_serves(http, pg)
+
+
+async def test_connect_is_refused_and_never_forwarded(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    pg = await start_pollguard()
+    resp = await exchange(
+        connect, pg, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+    )
+    assert resp.status == 405
+    assert upstream.requests == []
+    await assert_serves(http, pg)
+
+
+async def test_expect_100_continue_is_answered_when_the_body_is_wanted(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect
+) -> None:
+    pg = await start_pollguard(max_body_size=1000)
+    conn = await connect(pg)
+    await conn.send(
+        b"POST /watched HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    async with asyncio.timeout(1):  # curl would give up waiting after 1 s and send anyway
+        assert await conn.reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    await conn.send(b"hello")
+    resp = await conn.response()
+    assert resp.status == 200
+    seen = json.loads(resp.body)
+    assert seen["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
+    assert "Expect" not in dict(seen["headers"])
+
+    # a body refused by its declared size is never asked for
+    await conn.send(
+        b"POST /watched HTTP/1.1\r\nHost: h\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert (await conn.response()).status == 413
+
+
+async def test_a_client_that_stops_reading_is_cut_off(
+    start_pollguard: StartPollguard, connect: Connect, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard(client_timeout=0.5)
+    conn = await connect(pg)
+    size = 20 * MiB  # far more than the socket buffers between us and pollguard hold
+    await conn.send(f"GET /bytes?size={size}&chunked=1 HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+    await asyncio.sleep(2.0)
+    got = await conn.closed_within(3.0)
+    assert got.startswith(b"HTTP/1.1 200 ")
+    assert len(got) < size
     await assert_serves(http, pg)
 
 
