@@ -234,6 +234,7 @@ class Forwarder:
         elapsed = time.perf_counter() - started
         down = web.WebSocketResponse(
             protocols=(up.protocol,) if up.protocol else (),
+            timeout=self._client_timeout,  # for the client's answer to a close
             autoclose=False,
             autoping=False,
             max_msg_size=0,
@@ -247,13 +248,13 @@ class Forwarder:
 async def _pump_websockets(
     down: web.WebSocketResponse, up: aiohttp.ClientWebSocketResponse
 ) -> None:
-    """Copy frames both ways until either side closes; then close the other with its code."""
+    """Copy frames both ways until either side closes; then close both with its code."""
 
     async def copy(
         src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
         dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
     ) -> None:
-        async for msg in src:
+        async for msg in src:  # ends on a close from src, or on its connection's loss
             if msg.type is aiohttp.WSMsgType.TEXT:
                 await dst.send_str(msg.data)
             elif msg.type is aiohttp.WSMsgType.BINARY:
@@ -262,20 +263,25 @@ async def _pump_websockets(
                 await dst.ping(msg.data)
             elif msg.type is aiohttp.WSMsgType.PONG:
                 await dst.pong(msg.data)
-            elif msg.type is aiohttp.WSMsgType.CLOSE:
-                break
-        if not dst.closed:
-            await dst.close(code=src.close_code or aiohttp.WSCloseCode.OK)
 
-    tasks = [asyncio.ensure_future(copy(down, up)), asyncio.ensure_future(copy(up, down))]
+    from_down = asyncio.ensure_future(copy(down, up))
+    from_up = asyncio.ensure_future(copy(up, down))
     try:
-        _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait((from_down, from_up), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in tasks:
-            task.cancel()
+        from_down.cancel()
+        from_up.cancel()
+        await asyncio.gather(from_down, from_up, return_exceptions=True)
+    code = (down if from_down.done() and not from_down.cancelled() else up).close_code
+    if code is None or code == 1005:  # no status given
+        code = aiohttp.WSCloseCode.OK
+    elif code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE:  # lost connection: not for the wire
+        code = aiohttp.WSCloseCode.INTERNAL_ERROR
+    # The upstream first: once the client's side is closed, aiohttp cancels this handler.
+    if not up.closed:
+        await up.close(code=code)
+    if not down.closed:
+        await down.close(code=code)
 
 
 async def _refuse(request: web.BaseRequest, fault: _ClientFault) -> web.StreamResponse:

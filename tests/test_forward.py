@@ -864,6 +864,26 @@ async def test_websocket_passes_through_with_its_subprotocol(
         assert await ws.receive_str() == "echo:" + "x" * 200_000
 
 
+async def test_websocket_close_propagates_both_ways(
+    start_pollguard: StartPollguard, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard()
+    async with asyncio.timeout(5):
+        async with http.ws_connect(pg.url("/ws/close")) as ws:
+            await ws.send_str("bye")
+            msg = await ws.receive()
+            assert msg.type is aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 4001
+
+        async with http.ws_connect(pg.url("/ws/close")) as ws:
+            await ws.send_str("ping")
+            assert await ws.receive_str() == "ping"
+            await ws.close(code=4002)
+        while len(upstream.ws_closes) < 2:
+            await asyncio.sleep(0.01)
+    assert upstream.ws_closes == [4001, 4002]
+
+
 # --- 9. upstream dies mid-body ------------------------------------------------------------
 
 
