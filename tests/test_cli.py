@@ -192,3 +192,10 @@ async def test_access_log_is_json_lines_with_a_marker_for_blocked_answers(
     assert records[0]["outcome"] == "forwarded" and records[0]["status"] == 404
     assert records[6]["rule"] == "none"
     assert sum('"pollguard":"blocked"' in line for line in lines) == 1
+
+
+def test_serve_refuses_the_pure_python_http_parser() -> None:
+    done = run_cli("serve", "--upstream", "http://127.0.0.1:5000", AIOHTTP_NO_EXTENSIONS="1")
+    assert done.returncode == 2
+    assert "aiohttp's C HTTP parser is not in use" in done.stderr
+    assert done.stderr.count("\n") == 1
