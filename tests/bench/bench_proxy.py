@@ -72,22 +72,25 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 def process(
     argv: list[str], port: int, env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    # pollguard's event log would interleave with the table; errors still show on failure
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
+    # pollguard's event log would interleave with the table: keep it aside, show it on failure
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
         try:
-            wait_port(port)
-        except TimeoutError:
-            proc.kill()
-            raise RuntimeError(f"{argv} did not start: {proc.communicate()[1].decode()}") from None
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            try:
+                wait_port(port)
+            except TimeoutError:
+                proc.kill()
+                proc.wait()
+                err.seek(0)
+                raise RuntimeError(f"{argv} did not start: {err.read().decode()}") from None
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def process_tree(pid: int) -> list[int]:
