@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -23,9 +21,7 @@ from proxy.app import Pollguard
 from proxy.rules import load_rules
 from proxy.settings import Address, Settings
 from tests.conftest import Running
-from tests.support import EPOCH, FakeClock, Upstream, rule_toml
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import EPOCH, FakeClock, ServeProcess, Upstream, rule_toml
 
 
 class RulesDir:
@@ -347,22 +343,21 @@ async def test_reloads_under_load_drop_no_request_and_keep_every_key(
     assert sample(pg, "pollguard_rules_reloads_total", result="ok") == 7
 
 
-async def wait_for(
-    check: Callable[[], Awaitable[Any]], proc: subprocess.Popen[bytes], log: Path, what: str
-) -> Any:
+async def wait_for(check: Callable[[], Awaitable[bool]], proc: ServeProcess, what: str) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        found = await check()
-        if found:
-            return found
-        if proc.poll() is not None:
-            pytest.fail(f"pollguard exited ({proc.returncode}):\n{log.read_text()}")
+        if await check():
+            return
+        assert proc.proc is not None
+        if proc.proc.returncode is not None:
+            pytest.fail(f"pollguard exited ({proc.proc.returncode}):\n{proc.stderr()}")
         await asyncio.sleep(0.05)
-    pytest.fail(f"no {what} within 30s:\n{log.read_text()}")
+    pytest.fail(f"no {what} within 30s:\n{proc.stderr()}")
 
 
-def log_events(log: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+def events_of(proc: ServeProcess, event: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in proc.stderr().splitlines() if line.startswith("{")]
+    return [e for e in lines if e.get("event") == event]
 
 
 def reloads_counted(metrics_text: str) -> dict[str, float]:
@@ -377,55 +372,39 @@ async def test_sighup_reloads_a_running_pollguard_serve(
     rules_dir: RulesDir, upstream: Upstream, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     rules_dir.write(rule_toml(threshold=5))
-    log = tmp_path / "events.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POLLGUARD_")}
-    env["PYTHONPATH"] = str(ROOT)
-    command = [sys.executable, "-m", "proxy", "serve", "--upstream", upstream.url,
-               "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-               "--rules", str(rules_dir.path), "--access-log", "off"]  # fmt: skip
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=tmp_path
-        )
+    args = ("--upstream", upstream.url, "--rules", str(rules_dir.path), "--access-log", "off")
+    proc = await ServeProcess(*args, logs=str(tmp_path)).start(timeout=30)
+    assert proc.proc is not None
     try:
 
-        async def started() -> dict[str, Any] | None:
-            return next((e for e in log_events(log) if e.get("event") == "started"), None)
-
-        addresses = await wait_for(started, proc, log, "start")
-        base, admin = f"http://{addresses['listen']}", f"http://{addresses['admin']}"
-
         async def counted(result: str, n: float) -> bool:
-            async with http.get(admin + "/metrics") as resp:
+            async with http.get(proc.admin_base + "/metrics") as resp:
                 return reloads_counted(await resp.text()).get(result) == n
 
         assert await counted("ok", 0) and await counted("error", 0)
-        assert await statuses(http, base + "/test/status/s", 3) == [404] * 3
+        status = proc.base + "/test/status/"
+        assert await statuses(http, status + "s", 3) == [404] * 3
 
         rules_dir.write(rule_toml(threshold=2))
-        proc.send_signal(signal.SIGHUP)
-        await wait_for(lambda: counted("ok", 1), proc, log, "reload counted ok")
+        proc.proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: counted("ok", 1), proc, "reload counted ok")
 
         # 3 misses kept, the 4th blocks at threshold 2; at the old 5 the 5th would be forwarded
-        assert await statuses(http, base + "/test/status/s", 2) == [404, 410]
+        assert await statuses(http, status + "s", 2) == [404, 410]
 
         rules_dir.write(rule_toml(threshold=0))
-        proc.send_signal(signal.SIGHUP)
-        await wait_for(lambda: counted("error", 1), proc, log, "reload counted error")
-        assert proc.poll() is None
-        assert await statuses(http, base + "/test/status/s2", 3) == [404, 404, 410]
+        proc.proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: counted("error", 1), proc, "reload counted error")
+        assert proc.proc.returncode is None
+        assert await statuses(http, status + "s2", 3) == [404, 404, 410]
         assert await counted("ok", 1)
+        assert await proc.stop() == 0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        await proc.kill()
 
-    reloaded = [e for e in log_events(log) if e.get("event") == "rules_reloaded"]
+    reloaded = events_of(proc, "rules_reloaded")
     assert [(e["trigger"], e["changed"]) for e in reloaded] == [("SIGHUP", ["task-status"])]
-    [failed] = [e for e in log_events(log) if e.get("event") == "rules_reload_failed"]
+    [failed] = events_of(proc, "rules_reload_failed")
     assert failed["trigger"] == "SIGHUP"
     assert failed["errors"] == [
         f'{rules_dir.path}/status.toml: rule "task-status": threshold: must be an integer >= 1, '
