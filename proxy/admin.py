@@ -163,11 +163,11 @@ async def list_blocks(request: web.Request) -> web.Response:
 
 async def unblock(request: web.Request) -> web.Response:
     pg = request.app[POLLGUARD]
-    # From the raw path, decoded like the proxy decodes a task id (matching.normalize),
-    # so that `%2F` inside an id and ids that are not UTF-8 mean the same in both places.
-    raw_rule, raw_task_id = request.raw_path.partition("?")[0].split("/")[-2:]
+    rule = request.match_info["rule"]
+    # The id from the raw path, decoded as the proxy decodes it (matching.normalize), so
+    # that `%2F` within an id, or bytes that are not UTF-8, mean the same in both places.
     try:
-        rule, task_id = unquote(raw_rule, errors="strict"), unquote(raw_task_id, errors="strict")
+        task_id = unquote(request.raw_path.partition("?")[0].rsplit("/", 1)[1], errors="strict")
     except UnicodeDecodeError:
         return _error(404, "not blocked: the task id is not percent-encoded UTF-8")
     try:
