@@ -7,11 +7,12 @@ import gzip
 import hashlib
 import json
 import os
+import random
 import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from aiohttp import WSMsgType, web
@@ -44,7 +45,9 @@ def toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+        )
     raise TypeError(value)
 
 
@@ -77,6 +80,10 @@ class Upstream:
     raw_paths: list[str] = field(default_factory=list)
     requests: list[web.BaseRequest] = field(default_factory=list)
     delay: float = 0.0  # seconds before answering /test/status
+    gate: asyncio.Event = field(default_factory=asyncio.Event)  # /gated waits for it
+    received: int = 0  # bytes /upload/watched has read so far
+    ws_closes: list[int | None] = field(default_factory=list)  # close codes /ws/close saw
+    arrived: list[str] = field(default_factory=list)  # /watched*, /upload/watched: on arrival
 
     def make_app(self) -> web.Application:
         app = web.Application()
@@ -89,6 +96,12 @@ class Upstream:
         app.router.add_get("/redirect", self.redirect)
         app.router.add_get("/big", self.big)
         app.router.add_get("/ws", self.websocket)
+        app.router.add_post("/upload/watched", self.upload_watched)
+        app.router.add_get("/gated", self.gated)
+        app.router.add_route("*", "/bytes", self.pattern_bytes)
+        app.router.add_route("*", "/empty/{status}", self.empty)
+        app.router.add_get("/ws/close", self.websocket_close)
+        app.router.add_route("*", "/watched{tail:.*}", self.watched)
         app.on_response_prepare.append(self._remember)
         return app
 
@@ -171,18 +184,188 @@ class Upstream:
                 await ws.send_bytes(msg.data[::-1])
         return ws
 
+    async def watched(self, request: web.Request) -> web.Response:
+        """/echo that notes the request as soon as its head arrives, before any body."""
+        self.arrived.append(request.raw_path)
+        return await self.echo(request)
+
+    async def upload_watched(self, request: web.Request) -> web.Response:
+        """Like /upload, and `received` shows how far it got while the body is still coming."""
+        self.arrived.append(request.raw_path)
+        digest = hashlib.sha256()
+        chunks = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            self.received += len(chunk)
+            chunks += 1
+        return web.json_response(
+            {"size": self.received, "sha256": digest.hexdigest(), "chunks": chunks,
+             "te": request.headers.get("Transfer-Encoding"),
+             "length": request.headers.get("Content-Length")}
+        )  # fmt: skip
+
+    async def gated(self, request: web.Request) -> web.StreamResponse:
+        """One chunk, then the rest only once the test opens `gate` (or 5 s pass)."""
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"first\n")
+        async with asyncio.timeout(5):
+            await self.gate.wait()
+        await resp.write(b"last\n")
+        await resp.write_eof()
+        return resp
+
+    async def pattern_bytes(self, request: web.Request) -> web.StreamResponse:
+        """`size` bytes of `pattern(size)`; with `chunked=1` streamed without a length."""
+        body = pattern(int(request.query.get("size", "1000000")))
+        if request.query.get("chunked") != "1":
+            return web.Response(body=body, content_type="application/octet-stream")
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        if request.method != "HEAD":  # aiohttp would write a HEAD's chunks raw onto the wire
+            for part in chunks(body, 10_000):
+                await resp.write(part)
+        await resp.write_eof()
+        return resp
+
+    async def empty(self, request: web.Request) -> web.Response:
+        """A bodiless status (204, 304) with the headers a cache would look at."""
+        return web.Response(
+            status=int(request.match_info["status"]),
+            headers={"ETag": '"v1"', "X-Empty": "yes"},
+        )
+
+    async def websocket_close(self, request: web.Request) -> web.WebSocketResponse:
+        """Echoes; on "bye" closes with 4001; records the close code of every session."""
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT and msg.data == "bye":
+                await ws.close(code=4001, message=b"bye")
+            elif msg.type is WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+        self.ws_closes.append(ws.close_code)
+        return ws
+
+
+def pattern(size: int) -> bytes:
+    """Deterministic bytes without repeats, so a lost, doubled or swapped chunk shows."""
+    return random.Random(size).randbytes(size)
+
+
+def skip_unless_ci(message: str) -> NoReturn:
+    """Skip locally, but fail under CI=true: there a missing tool is a broken setup."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
 
 def require_tool(name: str, package: str) -> str:
     """The tool's path; skips with the package to install, except under CI=true (fails)."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not found: apt-get install -y {package}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_unless_ci(f"{name} not found: apt-get install -y {package}")
     return path
 
 
 def chunks(data: bytes, size: int) -> Iterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i : i + size]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (bound and released; fine on loopback in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for `python -m proxy` run from this checkout, without POLLGUARD_* leaking in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLLGUARD_")}
+    env["PYTHONPATH"] = REPO
+    env.update(extra)
+    return env
+
+
+class ServeProcess:
+    """`python -m proxy serve` as a real child process on free loopback ports."""
+
+    def __init__(self, *args: str, logs: str, env: dict[str, str] | None = None) -> None:
+        self.stdout_path = os.path.join(logs, "stdout.log")
+        self.stderr_path = os.path.join(logs, "stderr.log")
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.args = [
+            "serve", "--listen", f"127.0.0.1:{self.port}",
+            "--admin-listen", f"127.0.0.1:{self.admin_port}", *args,
+        ]  # fmt: skip
+        self.env = env or cli_env()
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_base(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    async def start(self, timeout: float = 10.0) -> ServeProcess:
+        import sys
+
+        import aiohttp
+
+        # Files, not pipes: a pipe nobody reads would fill up and stall the proxy's logging.
+        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", *self.args, env=self.env, stdout=out, stderr=err
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with aiohttp.ClientSession() as http:
+            while loop.time() < deadline:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"pollguard exited {self.proc.returncode}: {self.stderr()}")
+                try:
+                    async with http.get(self.admin_base + "/healthz") as resp:
+                        if resp.status == 200:
+                            return self
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        await self.kill()
+        raise TimeoutError("pollguard did not become healthy")
+
+    def stdout(self) -> str:
+        with open(self.stdout_path, encoding="utf-8") as f:
+            return f.read()
+
+    def stderr(self) -> str:
+        with open(self.stderr_path, encoding="utf-8") as f:
+            return f.read()
+
+    async def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; the exit code."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.proc.wait()
+        except TimeoutError:
+            await self.kill()
+            raise
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
