@@ -141,7 +141,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy import demo
+    from proxy.demo import run_demo
+    from proxy.sample_backend import run_backend
     from proxy.settings import parse_address
 
     if args.backend_only:
@@ -149,11 +150,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             address = parse_address(args.listen)
         except ValueError as exc:
             raise ConfigError(f"--listen: {exc}") from None
-        demo.run_backend(address, log=args.log)
+        run_backend(address, log=args.log)
         return EXIT_OK
     if not 1 <= args.seconds <= 3600:
         raise ConfigError(f"--seconds: must be from 1 to 3600, got {args.seconds:g}")
-    demo.run_demo(seconds=args.seconds, clients=args.clients, rules=args.rules, log=args.log)
+    run_demo(seconds=args.seconds, clients=args.clients, rules=args.rules, log=args.log)
     return EXIT_OK
 
 

@@ -1,0 +1,317 @@
+"""`pollguard demo`: the seed's incident twice, side by side, without pollguard and with it.
+
+Two identical sample backends; the same simulated app clients (start a task, poll its
+status every 3 s until it completes) go to one directly and to the other through an
+in-process pollguard. Midway both backends restart and lose every task in flight, as
+the seed's did. The clients of a lost task poll on, 404 after 404, until they get a
+terminal answer (410), which only pollguard gives. Everything is measured, on loopback
+only, sped up 10x; then a table in the spirit of the seed's report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import IO, TextIO
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from proxy.errors import ConfigError, RulesError
+from proxy.matching import Matcher
+from proxy.rules import RuleSet, load_rules, parse_rules
+from proxy.sample_backend import SampleBackend
+from proxy.settings import Address, Settings
+
+SPEEDUP = 10.0  # the demo's second is ten of the app's
+POLL_EVERY = 3.0  # app seconds between polls, as in the seed's app
+DEMO_ROUTE = ("GET", "/test/status/demo")
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class Clients:
+    """What one side's simulated clients saw."""
+
+    started: int = 0
+    completed: int = 0
+    lost: int = 0  # saw their task answered 404 (a restart lost it)
+    # per client that stopped on a terminal answer: (app seconds, polls) since its first 404
+    stopped: list[tuple[float, int]] = field(default_factory=list)
+    terminal_from_pollguard: int = 0
+    polls: int = 0
+
+
+@dataclass
+class Side:
+    name: str
+    backend: SampleBackend
+    backend_url: str = ""
+    base: str = ""  # where its clients send requests: the backend, or pollguard before it
+    clients: Clients = field(default_factory=Clients)
+
+
+def builtin_rules() -> RuleSet:
+    """The default rule shipped inside the package (a copy of the repo's rules/status.toml)."""
+    text = resources.files("proxy").joinpath("default_rules/status.toml").read_text("utf-8")
+    return parse_rules([("(built-in) default_rules/status.toml", text)])
+
+
+def choose_rules(path: str | None) -> RuleSet:
+    """--rules if given; else ./rules when it guards the demo's route; else the built-in rule."""
+    if path is None and Path("rules").is_dir():
+        try:
+            rules = load_rules("rules")
+        except RulesError:
+            rules = None
+        if rules is not None and Matcher(rules.rules).match(*DEMO_ROUTE) is not None:
+            return rules
+    if path is None:
+        return builtin_rules()
+    rules = load_rules(path)
+    if Matcher(rules.rules).match(*DEMO_ROUTE) is None:
+        raise ConfigError(f"--rules: no rule in {path} matches GET /test/status/<id>, the demo's")
+    return rules
+
+
+def run_demo(
+    *, seconds: float, clients: int, rules: str | None, log: str | None, out: TextIO = sys.stdout
+) -> None:
+    ruleset = choose_rules(rules)
+    log_file = open(log, "w", encoding="utf-8") if log else None  # noqa: SIM115
+    try:
+        asyncio.run(_demo(seconds, clients, ruleset, log_file, out))
+    finally:
+        if log_file is not None:
+            log_file.close()
+
+
+async def _demo(
+    seconds: float, n_clients: int, rules: RuleSet, log: IO[str] | None, out: TextIO
+) -> None:
+    from proxy.app import Pollguard  # the proxy's imports are only needed here
+
+    loop = asyncio.get_running_loop()
+    # In real seconds: clients arrive over the first 60%; a task takes 20% (so all that
+    # began before the restart at 35% and had not finished are lost, and those after it
+    # finish before the end).
+    task_takes = 0.2 * seconds
+    restart_at = 0.35 * seconds
+    epoch = time.time()
+    t0 = loop.time()
+
+    def app_time() -> float:  # the app's pace: a poll every 3 s, not 0.3 s
+        return epoch + (loop.time() - t0) * SPEEDUP
+
+    plain = Side("without pollguard", SampleBackend(complete_after=task_takes, log=log,
+                                                    log_clock=app_time))  # fmt: skip
+    guarded = Side("with pollguard", SampleBackend(complete_after=task_takes))
+    async with AsyncExitStack() as stack:
+        plain.backend_url = await _serve(stack, plain.backend.make_app())
+        guarded.backend_url = await _serve(stack, guarded.backend.make_app())
+        settings = Settings(
+            upstream=URL(guarded.backend_url),
+            listen=Address(LOOPBACK, 0),
+            admin_listen=Address(LOOPBACK, 0),
+            access_log="off",
+            drain_timeout=1.0,
+        )
+        pg = Pollguard(settings, rules, clock=app_time)  # its window sees a poll every 3 s
+        await pg.start()
+        stack.push_async_callback(pg.stop)
+        assert pg.proxy_address is not None and pg.admin_address is not None
+        plain.base = plain.backend_url
+        guarded.base = f"http://{pg.proxy_address}"
+        metrics_url = f"http://{pg.admin_address}/metrics"
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        )
+
+        _intro(out, seconds, n_clients, rules, plain, guarded, metrics_url, restart_at)
+        rng = random.Random(2026)
+        arrivals = sorted(rng.uniform(0, 0.6 * seconds) for _ in range(n_clients))
+        deadline = t0 + seconds
+        tasks = [
+            asyncio.ensure_future(_client(session, side, t0 + at, deadline))
+            for side in (plain, guarded)
+            for at in arrivals
+        ]
+        try:
+            await asyncio.sleep(max(0.0, t0 + restart_at - loop.time()))
+            lost = {plain.backend.restart(), guarded.backend.restart()}
+            print(f"  at {restart_at * SPEEDUP:.0f} s both backends restart and lose every task; "
+                  f"{' and '.join(map(str, sorted(lost)))} were still running",
+                  file=out, flush=True)  # fmt: skip
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        async with session.get(metrics_url) as resp:
+            metrics = await resp.text()
+    _report(out, plain, guarded, metrics, rules)
+
+
+async def _serve(stack: AsyncExitStack, app: web.Application) -> str:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, LOOPBACK, 0).start()
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}"
+
+
+async def _client(
+    session: aiohttp.ClientSession, side: Side, arrive: float, deadline: float
+) -> None:
+    """One app: start a task, poll it until it completes or a terminal answer; or time's up."""
+    loop = asyncio.get_running_loop()
+    seen = side.clients
+    await asyncio.sleep(max(0.0, arrive - loop.time()))
+    try:
+        async with session.post(f"{side.base}/test/start") as resp:
+            task_id = (await resp.json())["task_id"]
+    except (aiohttp.ClientError, ValueError, KeyError):
+        return
+    seen.started += 1
+    first_miss: float | None = None
+    polls_since = 0
+    while loop.time() + POLL_EVERY / SPEEDUP < deadline:
+        await asyncio.sleep(POLL_EVERY / SPEEDUP)
+        try:
+            async with session.get(f"{side.base}/test/status/{task_id}") as resp:
+                body = await resp.read()
+                status = resp.status
+                from_pollguard = resp.headers.get("X-Pollguard") == "blocked"
+        except aiohttp.ClientError:
+            continue
+        seen.polls += 1
+        now = loop.time()
+        if status == 404 and first_miss is None:
+            first_miss = now
+            seen.lost += 1
+        if first_miss is not None:
+            polls_since += 1
+        if status == 200 and _completed(body):
+            seen.completed += 1
+            return
+        if status == 410:  # Gone: terminal; the app stops and tells its user
+            seen.terminal_from_pollguard += from_pollguard
+            since = now - (first_miss if first_miss is not None else now)
+            seen.stopped.append((since * SPEEDUP, polls_since))
+            return
+
+
+def _completed(body: bytes) -> bool:
+    try:
+        return bool(json.loads(body).get("is_completed"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def _intro(
+    out: TextIO,
+    seconds: float,
+    n_clients: int,
+    rules: RuleSet,
+    plain: Side,
+    guarded: Side,
+    metrics_url: str,
+    restart_at: float,
+) -> None:
+    rule = rules.rules[0]
+    print(
+        f"pollguard demo: {n_clients} app clients on each side start a task and poll its status "
+        f"every {POLL_EVERY:.0f} s\n"
+        f"(all times in the app's seconds; the demo runs {SPEEDUP:.0f}x faster: "
+        f"{seconds:g} s here are {seconds * SPEEDUP:.0f} s of the app).\n"
+        f"  without pollguard: clients -> sample backend {plain.base}\n"
+        f"  with pollguard:    clients -> pollguard {guarded.base} -> sample backend "
+        f"{guarded.backend_url}\n"
+        f"  pollguard's metrics while it runs: {metrics_url}\n"
+        f"  rules: {', '.join(rules.sources)} ({rule.name}: {rule.threshold} misses block)\n",
+        file=out,
+        flush=True,
+    )
+
+
+def _report(out: TextIO, plain: Side, guarded: Side, metrics: str, rules: RuleSet) -> None:
+    rows = [
+        ("requests the backend received", plain.backend.requests, guarded.backend.requests),
+        ("  of them 404s (polls for lost tasks)", plain.backend.statuses[404],
+         guarded.backend.statuses[404]),
+        ("terminal answers from pollguard (410)", plain.clients.terminal_from_pollguard,
+         guarded.clients.terminal_from_pollguard),
+        ("clients whose task was lost", plain.clients.lost, guarded.clients.lost),
+        ("  still polling when the demo ended", _polling(plain), _polling(guarded)),
+        ("  stopped (a terminal answer)", len(plain.clients.stopped), len(guarded.clients.stopped)),
+        ("clients whose task completed", plain.clients.completed, guarded.clients.completed),
+    ]  # fmt: skip
+    table = [("", plain.name, guarded.name, "change")]
+    for label, before, after in rows:
+        table.append((label, f"{before:,}", f"{after:,}", _change(before, after)))
+    table.append(("lost-task clients: time to stop (median)", _stop_time(plain),
+                  _stop_time(guarded), ""))  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    print(file=out)
+    for row in table:
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        print("  ".join(cells).rstrip(), file=out)
+    lines = [m for m in metrics.splitlines() if _interesting(m)]
+    print("\npollguard's own count, from its /metrics just before it stopped:", file=out)
+    for line in lines:
+        print(f"  {line}", file=out)
+    print(
+        "\nWhere to look next:\n"
+        "  in front of your backend:  pollguard serve --upstream http://127.0.0.1:5000\n"
+        "  what it did, live:         curl 127.0.0.1:9090/metrics\n"
+        "  what it would do to your traffic, from your access logs:\n"
+        "                             pollguard replay /var/log/nginx/access.log*\n"
+        "  the same for this demo:    pollguard demo --log demo.log && pollguard replay demo.log\n"
+        "  the rule file's keys:      rules/README.md",
+        file=out,
+    )
+
+
+def _polling(side: Side) -> int:
+    return side.clients.lost - len(side.clients.stopped)
+
+
+def _change(before: int, after: int) -> str:
+    if before == after:
+        return "same"
+    if before == 0:
+        return "new"
+    return f"{(after - before) / before:+.0%}"
+
+
+def _stop_time(side: Side) -> str:
+    stopped = side.clients.stopped
+    if not stopped:
+        return "never" if side.clients.lost else "-"
+    seconds = statistics.median(s for s, _ in stopped)
+    polls = statistics.median(p for _, p in stopped)
+    return f"{seconds:.0f} s, {polls:.0f} polls"
+
+
+_SHOWN = (
+    'pollguard_requests_total{outcome="blocked"',
+    'pollguard_requests_total{outcome="forwarded"',
+    "pollguard_keys_blocked_total{",
+    "pollguard_upstream_misses_total{",
+)
+
+
+def _interesting(line: str) -> bool:
+    return line.startswith(_SHOWN) and 'rule="none"' not in line
