@@ -1,4 +1,4 @@
-"""Access-log lines -> (time, method, target, status): nginx/Apache common and combined, werkzeug.
+"""Access logs -> (time, request line, status): nginx/Apache common and combined, werkzeug.
 
 One pattern reads every supported form, so the format is decided line by line:
 
@@ -9,8 +9,9 @@ One pattern reads every supported form, so the format is decided line by line:
 
 Anything may precede the bracketed time (`INFO:werkzeug:`, a container name), and
 werkzeug's terminal colours are ignored. Times without a zone (werkzeug's) are taken
-as UTC: replay only ever compares them with each other. Lines are untrusted input:
-every function here returns None for a line it cannot read and never raises.
+as UTC: replay only ever compares them with each other. Lines are untrusted input: a
+line that cannot be read is counted and skipped, never an exception; lines are cut at
+MAX_LINE, so neither memory nor a regular expression's work can grow without bound.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import calendar
 import datetime
 import functools
 import io
+import itertools
 import math
 import re
 import sys
@@ -37,9 +39,11 @@ CHUNK = 1024 * 1024
 _GZIP = 16 + zlib.MAX_WBITS  # zlib's window bits meaning: a gzip header, not zlib's
 
 # The common case, fast; then the same with the escapes Apache writes inside the request.
-_LINE = re.compile(rb'\[([^\]]{20,26})\] "([^"\\]*)" (\d{3})(?![^ \r\n])')
-_LINE_ESCAPED = re.compile(rb'\[([^\]]{20,26})\] "([^"\\]*(?:\\.[^"\\]*)*)" (\d{3})(?![^ \r\n])')
-_STAMP = re.compile(rb"\d\d/[A-Z][a-z][a-z]/\d{4}(?::\d\d:\d\d:\d\d [+-]\d{4}| \d\d:\d\d:\d\d)")
+_LINE = re.compile(rb'\[([^\]]{20,26})\] "([^"\\]*)" ([1-9]\d\d)(?![^ \r\n])')
+_LINE_ESCAPED = re.compile(
+    rb'\[([^\]]{20,26})\] "([^"\\]*(?:\\.[^"\\]*)*)" ([1-9]\d\d)(?![^ \r\n])'
+)
+_STAMP = re.compile(rb"(\d\d)/([A-Z][a-z][a-z])/(\d{4})([: ])(\d\d):(\d\d)(?: [+-]\d{4})?")
 _COLOUR = re.compile(rb"\x1b\[[0-9;]*m")
 _ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})|\\(.)")
 _STATUSES = {str(n).encode(): n for n in range(100, 1000)}
@@ -54,7 +58,7 @@ _MONTHS = {
 class LogReader:
     """One log's records, in the order written; counts its lines and those it could not read.
 
-    Iterating raises ValueError, naming the log, if it cannot be read to the end (not valid
+    Reading raises ValueError, naming the log, if it cannot be read to the end (not valid
     gzip, a read error); a line it cannot read is only counted.
     """
 
@@ -62,47 +66,50 @@ class LogReader:
         self.name = name
         self.stream = stream
         self.lines = 0
-        self.unparsed = 0
-        self.first = math.inf  # the earliest and the latest time of a line read
+        self.records = 0
+        self.first = math.inf  # the time of the first line read, and of the last
         self.last = -math.inf
 
+    @property
+    def unparsed(self) -> int:
+        return self.lines - self.records
+
     def __iter__(self) -> Iterator[Record]:
-        # Everything inline, in one generator: this runs for every line of a day of logs.
+        return itertools.chain.from_iterable(self.blocks())
+
+    def blocks(self) -> Iterator[list[Record]]:
+        """The records a block of lines at a time (iterating them one by one costs more)."""
+        # Everything inline: this runs for every line of a day of logs.
         times: dict[bytes, float] = {}  # a busy log repeats each second many times
         fast, escaped = _LINE.search, _LINE_ESCAPED.search
-        lines = unparsed = 0
-        first, last = self.first, self.last
         try:
             for block in _line_blocks(self.stream):
-                lines += len(block)
+                records: list[Record] = []
+                add = records.append
                 for line in block:
                     if len(line) > MAX_LINE:
                         line = line[:MAX_LINE]
                     m = fast(line) or escaped(line)
                     if m is None:
-                        unparsed += 1
                         continue
                     stamp, request, status = m.groups()
                     when = times.get(stamp)
                     if when is None:
                         when = parse_time(stamp)
                         if when is None:
-                            unparsed += 1
                             continue
                         if len(times) >= 4096:
                             times.clear()
                         times[stamp] = when
-                    if when < first:
-                        first = when
-                    if when > last:
-                        last = when
-                    yield when, request, _STATUSES[status]
+                    add((when, request, _STATUSES[status]))
+                self.lines += len(block)
+                if records:
+                    self.records += len(records)
+                    self.first = min(self.first, records[0][0])
+                    self.last = records[-1][0]
+                yield records
         except (OSError, ValueError) as exc:
             raise ValueError(f"{self.name}: cannot read: {exc}") from None
-        finally:
-            self.lines += lines
-            self.unparsed += unparsed
-            self.first, self.last = first, last
 
 
 def parse_line(line: bytes) -> Record | None:
@@ -127,30 +134,32 @@ def split_request(request: bytes) -> tuple[str, str] | None:
 
 def parse_time(stamp: bytes) -> float | None:
     """`22/Feb/2026:10:30:00 +0800` or `22/Feb/2026 10:30:00` (taken as UTC) -> epoch seconds."""
-    if not _STAMP.fullmatch(stamp):
+    # Only the seconds are read each time; the minute they are in is remembered.
+    seconds = stamp[18:20]
+    if stamp[17:18] != b":" or not seconds.isdigit() or seconds > b"60":  # 60: a leap second
         return None
-    midnight = _midnight(stamp[:11])
-    if midnight is None:
-        return None
-    hours, minutes, seconds = int(stamp[12:14]), int(stamp[15:17]), int(stamp[18:20])
-    if hours > 23 or minutes > 59 or seconds > 60:  # 60: a leap second
-        return None
-    t = midnight + hours * 3600 + minutes * 60 + seconds
-    if len(stamp) > 20:
-        offset = int(stamp[22:24]) * 3600 + int(stamp[24:26]) * 60
-        t += -offset if stamp[21:22] == b"+" else offset
-    return float(t)
+    minute = _minute(stamp[:17], stamp[20:])
+    return None if minute is None else minute + int(seconds)
 
 
-@functools.lru_cache(maxsize=64)
-def _midnight(date: bytes) -> int | None:
-    """`22/Feb/2026` -> its 00:00 UTC in epoch seconds; None for a month or day that is not."""
+@functools.lru_cache(maxsize=256)
+def _minute(head: bytes, zone: bytes) -> float | None:
+    """(`22/Feb/2026:10:30`, ` +0800`) -> that minute in epoch seconds; None if it is none."""
+    m = _STAMP.fullmatch(head + zone)
+    if m is None:
+        return None
+    day, month, year, sep, hours, minutes = m.group(1, 2, 3, 4, 5, 6)
+    if (sep == b":") != bool(zone) or int(hours) > 23 or int(minutes) > 59:
+        return None
     try:
-        return calendar.timegm(
-            datetime.date(int(date[7:11]), _MONTHS[date[3:6]], int(date[0:2])).timetuple()
-        )
-    except (KeyError, ValueError, OverflowError):
+        date = datetime.date(int(year), _MONTHS[month], int(day))
+    except (KeyError, ValueError):
         return None
+    t = calendar.timegm(date.timetuple()) + int(hours) * 3600 + int(minutes) * 60
+    if zone:
+        offset = int(zone[2:4]) * 3600 + int(zone[4:6]) * 60
+        t += -offset if zone[1:2] == b"+" else offset
+    return float(t)
 
 
 def _unescape(target: bytes) -> bytes:

@@ -30,6 +30,7 @@ TUNABLE = (
     "threshold", "threshold_after_2xx", "grace", "window", "block_for", "probe_every",
     "mode", "miss_statuses",
 )  # fmt: skip
+_BLOCK = Action.BLOCK
 MEMO_SIZE = 65_536  # request lines whose match is remembered
 
 
@@ -37,13 +38,16 @@ MEMO_SIZE = 65_536  # request lines whose match is remembered
 class RuleCounts:
     """What one rule did to the logged traffic (the SPEC's five numbers, and time to block)."""
 
-    matched: int = 0
     forwarded: int = 0
     avoided: int = 0
     keys_blocked: int = 0
     false_blocks: int = 0
     # per key blocked: seconds and misses from the first miss of its run to the block
     to_block: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def matched(self) -> int:
+        return self.forwarded + self.avoided
 
     def spec(self) -> dict[str, int]:
         return {
@@ -88,25 +92,25 @@ class Engine:
         self.trace: list[tuple[str, str, Action]] | None = [] if trace else None
         self.rules = rules
         self.state = MemoryState(max_keys=max_keys, clock=clock)
-        self._by_name = {r.name: r for r in rules.rules}
         self.counts = {r.name: RuleCounts() for r in rules.rules}
+        self._by_name = {r.name: (r, self.counts[r.name]) for r in rules.rules}
+        self._admit = self.state.admit_sync
+        self._record = self.state.record_sync
 
     def feed(self, name: str, task_id: str, status: int, now: float) -> Action:
         """One logged request the matcher put under rule `name`; returns what pollguard does."""
-        rule = self._by_name[name]
-        counts = self.counts[name]
-        counts.matched += 1
-        action = self.state.admit_sync(rule, task_id)
+        rule, counts = self._by_name[name]
+        action = self._admit(rule, task_id)
         if self.trace is not None:
             self.trace.append((name, task_id, action))
-        if action is Action.BLOCK:
+        if action is _BLOCK:
             # enforce answers it; observe forwards it but keeps it out of the state too
             counts.avoided += 1
             if 200 <= status < 300:
                 counts.false_blocks += 1
             return action
         counts.forwarded += 1
-        out = self.state.record_sync(rule, task_id, status)
+        out = self._record(rule, task_id, status)
         if out.blocked and out.state is not None:
             counts.keys_blocked += 1
             counts.to_block.append((now - out.state.first_miss, out.state.misses))
@@ -158,18 +162,22 @@ def replay(
                 raise ConfigError(f"{name}: cannot open: {exc.strerror or exc}") from None
         # Several logs merge by time: rotated files can come in any order
         # (access.log access.log.1 ...), and replicas' logs interleave.
-        records = readers[0] if len(readers) == 1 else heapq.merge(*readers)
+        blocks = readers[0].blocks() if len(readers) == 1 else [heapq.merge(*readers)]
         match = _memo(matcher)
+        single = engines[0].feed if len(engines) == 1 else None
         try:
-            for when, request, status in records:
-                if when > clock.now:
-                    clock.now = when
-                hit = match(request)
-                if hit is None:
-                    continue
-                name, task_id = hit
-                for engine in engines:
-                    engine.feed(name, task_id, status, clock.now)
+            for records in blocks:
+                for when, request, status in records:
+                    if when > clock.now:
+                        clock.now = when
+                    hit = match(request)
+                    if hit is None:
+                        continue
+                    if single is not None:
+                        single(hit[0], hit[1], status, clock.now)
+                        continue
+                    for engine in engines:
+                        engine.feed(hit[0], hit[1], status, clock.now)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     tally = Tally(

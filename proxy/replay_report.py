@@ -49,7 +49,6 @@ def _extras(engine: Engine, tally: Tally) -> dict[str, Any]:
 def _total(engine: Engine) -> RuleCounts:
     total = RuleCounts()
     for c in engine.counts.values():
-        total.matched += c.matched
         total.forwarded += c.forwarded
         total.avoided += c.avoided
         total.keys_blocked += c.keys_blocked

@@ -256,6 +256,28 @@ def test_hostile_lines_are_counted_unparsed_and_never_crash(tmp_path: Path) -> N
     assert report["unparsed"] >= len(hostile) - 3
 
 
+def test_mutated_lines_never_crash(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    seeds = [log_line(EPOCH, "GET", "/test/status/a%2e%2e/x", 404, form).encode()
+             for form in ("common", "combined", "werkzeug", "bare")]  # fmt: skip
+    alphabet = b'[]" \\:/+-0123456789abcFebx\x1b\r%\xff'
+    lines = []
+    for _ in range(5000):
+        line = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 6)):
+            pos = rng.randrange(len(line))
+            if rng.random() < 0.5:
+                line[pos] = rng.choice(alphabet)
+            else:
+                line.insert(pos, rng.choice(alphabet))
+        lines.append(bytes(line))
+    log = tmp_path / "fuzz.log"
+    log.write_bytes(b"\n".join(lines))
+    report = to_json(replay([str(log)], ruleset(rule_toml(threshold=1))))
+    assert report["lines"] == 5000
+    assert 0 < report["unparsed"] < 5000
+
+
 def test_several_logs_merge_by_time_in_any_order(tmp_path: Path) -> None:
     lines = seed_polls("t1", [404] * 8)
     older = write(tmp_path / "access.log.1.gz", lines[:4], compress=True)

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -60,41 +61,58 @@ def line(t: int, method: str, path: str, status: int, fmt: str, rng: random.Rand
 
 
 def traffic(lines: int, seed: int = 1) -> Iterator[tuple[int, str, str, int]]:
-    """(time, method, path, status) in time order: about 70% status polls, a restart every 4h."""
+    """(time, method, path, status) in time order, the seed's traffic over a day.
+
+    App clients start a task and poll it every 3 s until it completes (30 s to 5 min);
+    every 4 h the backend restarts and the clients of every running task poll on, 404
+    after 404, until their user closes the app (1 min to 1 h later). About 30% of the
+    lines are other API and static traffic.
+    """
     rng = random.Random(seed)
-    per_second = max(1, lines // DAY)
+    rate = lines / DAY
+    arrivals = 0.7 * rate / 60  # a client makes about 60 polls
     restarts = {START + h * 3600 for h in range(2, 24, 4)}
-    live: dict[str, int] = {}  # task id -> when it completes
-    lost: dict[str, int] = {}  # task id -> when its client gives up (the app is closed)
+    polls: dict[int, list[list[Any]]] = {}  # second -> clients polling then
     produced = 0
     for t in range(START, START + DAY):
+        out: list[tuple[int, str, str, int]] = []
         if t in restarts:
-            lost.update({tid: t + rng.randrange(60, 3600) for tid in live})
-            live.clear()
-        for _ in range(per_second):
+            for due in polls.values():
+                for client in due:
+                    if client[2] is None:
+                        client[2] = t + rng.randrange(60, 3600)  # lost: polls until then
+        for _ in range(_poisson(rng, arrivals)):
+            task = str(uuid.UUID(int=rng.getrandbits(128)))
+            out.append((t, "POST", "/test/start", 200))
+            # [task id, done at, gives up at (None: not lost)]
+            polls.setdefault(t + rng.randrange(1, 4), []).append(
+                [task, t + rng.randrange(30, 300), None]
+            )
+        for client in polls.pop(t, []):
+            task, done_at, give_up = client
+            if give_up is None:
+                out.append((t, "GET", f"/test/status/{task}", 200))
+                if t < done_at:
+                    polls.setdefault(t + 3, []).append(client)
+            else:
+                out.append((t, "GET", f"/test/status/{task}", 404))
+                if t < give_up:
+                    polls.setdefault(t + 3, []).append(client)
+        for _ in range(_poisson(rng, 0.3 * rate)):
+            out.append((t, *rng.choice(OTHER)))
+        for line in out:
             if produced >= lines:
                 return
             produced += 1
-            r = rng.random()
-            if r < 0.3:
-                yield (t, *rng.choice(OTHER))
-            elif r < 0.33 or not (live or lost):
-                live[str(uuid.UUID(int=rng.getrandbits(128)))] = t + rng.randrange(30, 300)
-                yield t, "POST", "/test/start", 200
-            elif lost and (r < 0.6 or not live):
-                tid = rng.choice(list(lost)) if len(lost) < 64 else next(iter(lost))
-                yield t, "GET", f"/test/status/{tid}", 404
-                if lost[tid] < t:
-                    del lost[tid]
-                else:
-                    lost[tid] = lost.pop(tid)  # to the back: poll the others first
-            else:
-                tid = next(iter(live))
-                yield t, "GET", f"/test/status/{tid}", 200
-                if live[tid] < t:
-                    del live[tid]
-                else:
-                    live[tid] = live.pop(tid)
+            yield line
+
+
+def _poisson(rng: random.Random, mean: float) -> int:
+    n, limit, p = 0, math.exp(-mean), rng.random()
+    while p > limit:
+        n += 1
+        p *= rng.random()
+    return n
 
 
 def main() -> None:
