@@ -134,7 +134,11 @@ def _headline(result: Result) -> str:
     if math.isfinite(tally.first):
         start, end = _iso(tally.first), _iso(tally.last)
         span = f", {start} to {end} ({_duration(tally.last - tally.first)})"
-    return f"Replayed {tally.lines:,} lines{span}; {tally.unparsed:,} unparsed (skipped).\n"
+    sources = ", ".join(result.engines[0].rules.sources)
+    return (
+        f"Replayed {tally.lines:,} lines{span}; {tally.unparsed:,} unparsed (skipped).\n"
+        f"Rules: {sources}\n"
+    )
 
 
 def _duration(seconds: float) -> str:
