@@ -42,13 +42,11 @@ LOOPBACK = "127.0.0.1"
 class Clients:
     """What one side's simulated clients saw."""
 
-    started: int = 0
     completed: int = 0
     lost: int = 0  # saw their task answered 404 (a restart lost it)
     # per client that stopped on a terminal answer: (app seconds, polls) since its first 404
     stopped: list[tuple[float, int]] = field(default_factory=list)
     terminal_from_pollguard: int = 0
-    polls: int = 0
 
 
 @dataclass
@@ -87,7 +85,10 @@ def run_demo(
     *, seconds: float, clients: int, rules: str | None, log: str | None, out: TextIO = sys.stdout
 ) -> None:
     ruleset = choose_rules(rules)
-    log_file = open(log, "w", encoding="utf-8") if log else None  # noqa: SIM115
+    try:
+        log_file = open(log, "w", encoding="utf-8") if log else None  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(f"--log: cannot write {log}: {exc.strerror or exc}") from None
     try:
         asyncio.run(_demo(seconds, clients, ruleset, log_file, out))
     finally:
@@ -158,7 +159,7 @@ async def _demo(
             await asyncio.gather(*tasks, return_exceptions=True)
         async with session.get(metrics_url) as resp:
             metrics = await resp.text()
-    _report(out, plain, guarded, metrics, rules)
+    _report(out, plain, guarded, metrics)
 
 
 async def _serve(stack: AsyncExitStack, app: web.Application) -> str:
@@ -182,7 +183,6 @@ async def _client(
             task_id = (await resp.json())["task_id"]
     except (aiohttp.ClientError, ValueError, KeyError):
         return
-    seen.started += 1
     first_miss: float | None = None
     polls_since = 0
     while loop.time() + POLL_EVERY / SPEEDUP < deadline:
@@ -194,28 +194,29 @@ async def _client(
                 from_pollguard = resp.headers.get("X-Pollguard") == "blocked"
         except aiohttp.ClientError:
             continue
-        seen.polls += 1
         now = loop.time()
         if status == 404 and first_miss is None:
             first_miss = now
             seen.lost += 1
         if first_miss is not None:
             polls_since += 1
-        if status == 200 and _completed(body):
+        answer = _json(body)
+        if status == 200 and answer.get("is_completed"):
             seen.completed += 1
             return
-        if status == 410:  # Gone: terminal; the app stops and tells its user
+        if status == 410 or answer.get("terminal") is True:  # the app stops, tells its user
             seen.terminal_from_pollguard += from_pollguard
             since = now - (first_miss if first_miss is not None else now)
             seen.stopped.append((since * SPEEDUP, polls_since))
             return
 
 
-def _completed(body: bytes) -> bool:
+def _json(body: bytes) -> dict[str, object]:
     try:
-        return bool(json.loads(body).get("is_completed"))
-    except (ValueError, AttributeError):
-        return False
+        answer = json.loads(body)
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
 
 
 def _intro(
@@ -228,7 +229,8 @@ def _intro(
     metrics_url: str,
     restart_at: float,
 ) -> None:
-    rule = rules.rules[0]
+    hit = Matcher(rules.rules).match(*DEMO_ROUTE)
+    rule = hit[0] if hit is not None else rules.rules[0]
     print(
         f"pollguard demo: {n_clients} app clients on each side start a task and poll its status "
         f"every {POLL_EVERY:.0f} s\n"
@@ -244,12 +246,12 @@ def _intro(
     )
 
 
-def _report(out: TextIO, plain: Side, guarded: Side, metrics: str, rules: RuleSet) -> None:
+def _report(out: TextIO, plain: Side, guarded: Side, metrics: str) -> None:
     rows = [
         ("requests the backend received", plain.backend.requests, guarded.backend.requests),
         ("  of them 404s (polls for lost tasks)", plain.backend.statuses[404],
          guarded.backend.statuses[404]),
-        ("terminal answers from pollguard (410)", plain.clients.terminal_from_pollguard,
+        ("terminal answers from pollguard", plain.clients.terminal_from_pollguard,
          guarded.clients.terminal_from_pollguard),
         ("clients whose task was lost", plain.clients.lost, guarded.clients.lost),
         ("  still polling when the demo ended", _polling(plain), _polling(guarded)),

@@ -55,11 +55,15 @@ _MONTHS = {
 }
 
 
+class UnreadableLog(ValueError):
+    """A log cannot be read to its end (not valid gzip, a read error); names the log."""
+
+
 class LogReader:
     """One log's records, in the order written; counts its lines and those it could not read.
 
-    Reading raises ValueError, naming the log, if it cannot be read to the end (not valid
-    gzip, a read error); a line it cannot read is only counted.
+    Reading raises UnreadableLog if the log cannot be read to the end; a line it cannot
+    read is only counted.
     """
 
     def __init__(self, name: str, stream: BinaryIO) -> None:
@@ -109,7 +113,7 @@ class LogReader:
                     self.last = records[-1][0]
                 yield records
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{self.name}: cannot read: {exc}") from None
+            raise UnreadableLog(f"{self.name}: cannot read: {exc}") from None
 
 
 def parse_line(line: bytes) -> Record | None:

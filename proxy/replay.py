@@ -20,7 +20,7 @@ from typing import Any
 
 from proxy.errors import ConfigError, RulesError
 from proxy.guard import Action
-from proxy.logformats import LogReader, open_log, split_request
+from proxy.logformats import LogReader, UnreadableLog, open_log, split_request
 from proxy.matching import Matcher
 from proxy.rules import RuleSet, parse_rules
 from proxy.state.memory import MemoryState
@@ -133,6 +133,8 @@ class Tally:
 
 @dataclass(frozen=True, slots=True)
 class Result:
+    """What a replay found: the lines read, and each engine with its counts."""
+
     tally: Tally
     engines: tuple[Engine, ...]  # the rules as written first, then one per --try
 
@@ -149,6 +151,8 @@ def replay(
 
     ConfigError for a log that cannot be read or a --try that is not valid.
     """
+    if not logs:
+        raise ConfigError("no log to replay")
     clock = LogClock()
     engines = [Engine(rules, clock, max_keys=max_keys, trace=trace)]
     engines += [Engine(vary(rules, t), clock, max_keys=max_keys, label=t) for t in tries]
@@ -178,7 +182,7 @@ def replay(
                         continue
                     for engine in engines:
                         engine.feed(hit[0], hit[1], status, clock.now)
-        except ValueError as exc:
+        except UnreadableLog as exc:
             raise ConfigError(str(exc)) from None
     tally = Tally(
         lines=sum(r.lines for r in readers),
@@ -231,8 +235,11 @@ def vary(rules: RuleSet, text: str) -> RuleSet:
 
 
 def parse_try(text: str) -> dict[str, Any]:
-    """`threshold=3 grace=30s` -> {"threshold": 3, "grace": "30s"}; values as in a rule file,
-    where a bare word is a string (so shells need no quotes)."""
+    """`threshold=3 grace=30s` -> {"threshold": 3, "grace": "30s"}.
+
+    Values are TOML as in a rule file, except that a bare word is a string (no quotes to
+    fight the shell over).
+    """
     changes: dict[str, Any] = {}
     for item in text.split():
         key, sep, value = item.partition("=")

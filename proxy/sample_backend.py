@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from proxy.errors import ConfigError
 from proxy.settings import Address
 
 V = TypeVar("V")
@@ -130,7 +131,7 @@ def run_backend(address: Address, *, log: str | None = None) -> None:
 
 
 async def _serve(address: Address, log_path: str | None) -> None:
-    log = sys.stdout if log_path in (None, "-") else open(log_path, "a", buffering=1)  # noqa: SIM115
+    log = _open_log(log_path)
     backend = SampleBackend(log=log)
     runner = web.AppRunner(backend.make_app(), access_log=None)
     await runner.setup()
@@ -139,8 +140,6 @@ async def _serve(address: Address, log_path: str | None) -> None:
         try:
             await site.start()
         except OSError as exc:
-            from proxy.errors import ConfigError
-
             raise ConfigError(f"--listen: cannot listen on {address}: {exc.strerror}") from None
         host, port = runner.addresses[0][:2]
         print(
@@ -157,5 +156,13 @@ async def _serve(address: Address, log_path: str | None) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
-        if log is not sys.stdout:
-            log.close()
+        log.close()
+
+
+def _open_log(path: str | None) -> IO[str]:
+    """The log, line-buffered so that `docker logs` shows each request as it comes."""
+    target: int | str = sys.stdout.fileno() if path is None or path == "-" else path
+    try:
+        return open(target, "a", buffering=1, encoding="utf-8", closefd=isinstance(target, str))
+    except OSError as exc:
+        raise ConfigError(f"--log: cannot write {path}: {exc.strerror or exc}") from None
