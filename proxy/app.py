@@ -128,7 +128,9 @@ def _blocked_headers(rule: Rule) -> CIMultiDict[str]:
 def make_state(settings: Settings, clock: Clock) -> StateStore:
     if settings.state == "memory://":
         return MemoryState(max_keys=settings.max_keys, clock=clock)
-    raise ConfigError(f"--state: {settings.state!r}: only memory:// is available in this build")
+    from proxy.state.redis import RedisState  # redis-py is only imported when used
+
+    return RedisState(settings.state, clock=clock, cache_size=settings.max_keys)
 
 
 class Pollguard:
@@ -237,8 +239,16 @@ class Pollguard:
             "admin": str(self.admin_address),
             "upstream": str(self.settings.upstream),
             "rules": list(self.rules.names),
-            "state": self.settings.state,
+            "state": _redacted(self.settings.state),
         }
+
+
+def _redacted(url: str) -> str:
+    if url == "memory://":
+        return url
+    from proxy.state.redis import redacted
+
+    return redacted(url)
 
 
 def check_c_parser() -> None:

@@ -1,0 +1,338 @@
+"""Key state shared by replicas and workers through Redis; Lua scripts run proxy.guard atomically.
+
+Keys, all under one prefix and hash-tagged by rule (every script touches one rule only):
+
+    pollguard:{rule}:k:<task id>   hash m f l b p: guard.KeyState; expires with guard.expires()
+    pollguard:{rule}:a:<task id>   seen answered 2xx; expires `alive_ttl` after the last 2xx
+    pollguard:{rule}:counting      zset task id -> when its count lapses    (the gauges' index:
+    pollguard:{rule}:blocked       zset task id -> blocked_until             trimmed, never scanned)
+
+Every call has a tight deadline and goes through a circuit breaker: on an error the
+store raises StateError at once for a short back-off (the proxy forwards: fail open),
+then lets one trial call through. Blocked keys are cached here for about a second, so
+repeat polls of a blocked key are answered without Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Collection
+from importlib import resources
+from typing import Any, TypeVar
+
+from cachetools import TTLCache
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from yarl import URL
+
+from proxy.errors import ConfigError, StateError
+from proxy.guard import Action, KeyState, Outcome
+from proxy.rules import Rule
+from proxy.state import Block, Clock, Stats
+
+log = logging.getLogger("pollguard.state")
+
+T = TypeVar("T")
+Key = tuple[str, str]
+
+CALL_TIMEOUT = 0.05  # the request path never waits on Redis longer than this
+ADMIN_TIMEOUT = 1.0  # listing blocks, gauges, dropping a rule: more data, nobody's poll waiting
+CACHE_TTL = 1.0  # a blocked key is answered locally this long; an unblock elsewhere holds after it
+ALIVE_TTL = 86_400.0  # "seen answered 2xx" outlives the last 2xx by a day
+BACKOFF_FIRST, BACKOFF_LONGEST = 0.25, 2.0  # seconds without calls once the circuit opens
+_ACTIONS = {"forward": Action.FORWARD, "block": Action.BLOCK, "probe": Action.PROBE}
+_CHUNK = 500
+
+
+def _script(name: str) -> str:
+    return resources.files("proxy.state").joinpath(name).read_text(encoding="utf-8")
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, fit for logs and error messages."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "<unparsable URL>"
+    return str(parsed.with_password("***")) if parsed.password else url
+
+
+class Circuit:
+    """Closed: calls go through. Open: none until the back-off ends, then one trial call.
+
+    A failed trial doubles the back-off (up to BACKOFF_LONGEST); a success closes it.
+    Real time (monotonic), not the store's clock: it measures Redis, not the rules.
+    """
+
+    def __init__(self, timer: Callable[[], float] = time.monotonic) -> None:
+        self._timer = timer
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._trial = False
+        self.open = False
+
+    def allow(self) -> bool:
+        if not self.open:
+            return True
+        if self._trial or self._timer() < self._retry_at:
+            return False
+        self._trial = True
+        return True
+
+    def retry_in(self) -> float:
+        return max(0.0, self._retry_at - self._timer())
+
+    def succeeded(self) -> bool:
+        """Close; True if it was open."""
+        was_open, self.open, self._trial, self._backoff = self.open, False, False, 0.0
+        return was_open
+
+    def failed(self) -> bool:
+        """Open (again) for a longer back-off; True if it was closed."""
+        was_open = self.open
+        self._backoff = min(self._backoff * 2, BACKOFF_LONGEST) if was_open else BACKOFF_FIRST
+        self._retry_at = self._timer() + self._backoff
+        self.open, self._trial = True, False
+        return not was_open
+
+    def abandoned(self) -> None:
+        """The call was cancelled (a client hung up): let the next call be the trial."""
+        self._trial = False
+
+
+class RedisState:
+    """The StateStore on Redis: what one replica counts, every replica sees."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Clock = time.time,
+        cache_size: int = 100_000,
+        cache_ttl: float = CACHE_TTL,
+        alive_ttl: float = ALIVE_TTL,
+        timeout: float = CALL_TIMEOUT,
+        prefix: str = "pollguard:",
+        max_connections: int = 64,
+    ) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._prefix = prefix
+        self._alive_ms = str(max(1, round(alive_ttl * 1000)))
+        self._where = redacted(url)
+        try:
+            # No retries inside redis-py: its default backs off for seconds, and the
+            # circuit below is the only retry policy the request path can afford.
+            self._pool = BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=timeout,
+                socket_timeout=ADMIN_TIMEOUT,
+                socket_connect_timeout=ADMIN_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
+                retry_on_error=[],
+                health_check_interval=0,
+                decode_responses=True,
+            )
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"--state: {self._where}: {exc}") from None
+        self._redis: Redis = Redis(connection_pool=self._pool)
+        self._admit = self._redis.register_script(_script("admit.lua"))
+        self._record = self._redis.register_script(_script("record.lua"))
+        self._unblock = self._redis.register_script(_script("unblock.lua"))
+        self._circuit = Circuit()
+        # (rule, task id) -> (blocked_until, next_probe) as last read from Redis
+        self._blocked: TTLCache[Key, tuple[float, float]] = TTLCache(
+            maxsize=cache_size, ttl=cache_ttl, timer=clock
+        )
+        self._rules: dict[str, None] = {}  # rule names this process knows, in order
+
+    def _keys(self, rule: str, task_id: str) -> list[str]:
+        tag = f"{self._prefix}{{{rule}}}"
+        return [f"{tag}:k:{task_id}", f"{tag}:a:{task_id}", f"{tag}:counting", f"{tag}:blocked"]
+
+    def _index(self, rule: str, which: str) -> str:
+        return f"{self._prefix}{{{rule}}}:{which}"
+
+    async def _call(self, call: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
+        """One Redis round trip under the deadline and the circuit; StateError on any failure."""
+        circuit = self._circuit
+        if not circuit.allow():
+            raise StateError(
+                f"redis at {self._where}: not asked after errors, next try in "
+                f"{circuit.retry_in():.2f}s"
+            )
+        try:
+            async with asyncio.timeout(timeout or self._timeout):
+                result = await call()
+        except (RedisError, OSError, TimeoutError) as exc:
+            reason = str(exc) or f"no answer within {(timeout or self._timeout) * 1000:.0f} ms"
+            if circuit.failed():
+                log.warning(
+                    "state store unavailable: failing open (requests are forwarded)",
+                    extra={"event": "state_unavailable", "state": self._where, "error": reason},
+                )
+            raise StateError(f"redis at {self._where}: {reason}") from exc
+        except BaseException:
+            circuit.abandoned()
+            raise
+        if circuit.succeeded():
+            log.info(
+                "state store answers again",
+                extra={"event": "state_recovered", "state": self._where},
+            )
+        return result
+
+    def _remember(self, rule: Rule) -> None:
+        if rule.name not in self._rules:
+            self._rules[rule.name] = None
+
+    async def admit(self, rule: Rule, task_id: str) -> Action:
+        key = (rule.name, task_id)
+        now = self._clock()
+        cached = self._blocked.get(key)
+        if cached is not None:
+            blocked_until, next_probe = cached
+            if now < blocked_until and now < next_probe:
+                return Action.BLOCK
+            # a probe is due (Redis decides which replica takes it) or the block ended
+        self._remember(rule)
+        probe_every = math.inf if rule.probe_every is None else rule.probe_every
+        reply: list[str] = await self._call(
+            lambda: self._admit(keys=self._keys(*key)[:1], args=[now, probe_every])
+        )
+        action = _ACTIONS[reply[0]]
+        if action is Action.FORWARD:
+            self._blocked.pop(key, None)
+        else:
+            self._blocked[key] = (float(reply[1]), float(reply[2]))
+        return action
+
+    async def record(self, rule: Rule, task_id: str, status: int) -> Outcome:
+        key = (rule.name, task_id)
+        if 200 <= status < 300:
+            kind = "ok"
+        elif status in rule.miss_statuses:
+            kind = "miss"
+        else:
+            kind = "other"
+        self._remember(rule)
+        args: list[str | float] = [
+            self._clock(), kind, task_id, rule.window, rule.threshold, rule.threshold_after_2xx,
+            rule.grace, rule.block_for, math.inf if rule.probe_every is None else rule.probe_every,
+            self._alive_ms,
+        ]  # fmt: skip
+        reply: list[str] = await self._call(lambda: self._record(keys=self._keys(*key), args=args))
+        state = _key_state(reply[4:]) if len(reply) > 4 else None
+        if state is not None and state.blocked_until:
+            self._blocked[key] = (state.blocked_until, state.next_probe)
+        else:
+            self._blocked.pop(key, None)
+        return Outcome(
+            state,
+            miss=reply[0] == "1",
+            blocked=reply[1] == "1",
+            unblocked=reply[2] == "1",
+            alive=reply[3] == "1",
+        )
+
+    async def blocks(self, rule: str | None = None) -> list[Block]:
+        names = [rule] if rule is not None else list(self._rules)
+        now = self._clock()
+
+        async def read() -> list[Block]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.zrangebyscore(self._index(name, "blocked"), f"({now!r}", "+inf")
+                listed: list[list[str]] = await pipe.execute()
+            pairs = zip(names, listed, strict=True)
+            ids = [(name, task_id) for name, found in pairs for task_id in found]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name, task_id in ids:
+                    pipe.hmget(self._keys(name, task_id)[0], "m", "b")
+                states: list[list[str | None]] = await pipe.execute()
+            found = []
+            for (name, task_id), (misses, until) in zip(ids, states, strict=True):
+                if misses is not None and until is not None and now < float(until):
+                    found.append(Block(name, task_id, int(misses), float(until)))
+            return found
+
+        return await self._call(read, ADMIN_TIMEOUT)
+
+    async def unblock(self, rule: str, task_id: str) -> bool:
+        self._blocked.pop((rule, task_id), None)
+        keys = self._keys(rule, task_id)
+        now = self._clock()
+        done: int = await self._call(
+            lambda: self._unblock(keys=[keys[0], keys[3]], args=[now, task_id]), ADMIN_TIMEOUT
+        )
+        return done == 1
+
+    async def stats(self) -> Stats:
+        names = list(self._rules)
+        now = self._clock()
+
+        async def read() -> list[int]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    for which in ("counting", "blocked"):
+                        pipe.zremrangebyscore(self._index(name, which), "-inf", now)
+                        pipe.zcard(self._index(name, which))
+                replies: list[int] = await pipe.execute()
+            return replies[1::2]
+
+        cards = await self._call(read, ADMIN_TIMEOUT)
+        counting, blocked = cards[0::2], cards[1::2]
+        return Stats(
+            tracked=sum(counting) + sum(blocked),
+            blocked={name: n for name, n in zip(names, blocked, strict=True) if n},
+        )
+
+    async def retain(self, rules: Collection[Rule]) -> None:
+        keep = {r.name: None for r in rules}
+        gone = [name for name in self._rules if name not in keep]
+        self._rules = keep
+        if not gone:
+            return
+        for key in [k for k in self._blocked if k[0] in gone]:
+            self._blocked.pop(key, None)
+        try:
+            await self._call(lambda: self._drop(gone), ADMIN_TIMEOUT)
+        except StateError as exc:
+            # Not fatal: every key of the dropped rules expires on its own.
+            log.warning(
+                "could not drop the state of removed rules; it expires by itself",
+                extra={"event": "state_error", "rules": gone, "error": str(exc)},
+            )
+
+    async def _drop(self, rules: list[str]) -> None:
+        """Delete removed rules' keys, found through their indexes (never a keyspace scan)."""
+        for rule in rules:
+            indexes = [self._index(rule, "counting"), self._index(rule, "blocked")]
+            ids: set[str] = set()
+            for index in indexes:
+                ids.update(str(task_id) for task_id in await self._redis.zrange(index, 0, -1))
+            keys = [self._keys(rule, task_id)[0] for task_id in ids]
+            for i in range(0, len(keys), _CHUNK):
+                await self._redis.unlink(*keys[i : i + _CHUNK])
+            await self._redis.unlink(*indexes)
+
+    async def ping(self) -> None:
+        async def ping() -> None:
+            await self._redis.ping()
+
+        await self._call(ping)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+        await self._pool.aclose()
+
+
+def _key_state(fields: list[Any]) -> KeyState:
+    misses, first, last, until, probe = fields
+    return KeyState(int(misses), float(first), float(last), float(until), float(probe))
