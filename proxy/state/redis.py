@@ -65,7 +65,7 @@ def redacted(url: str) -> str:
 class Circuit:
     """Closed: calls go through. Open: none until the back-off ends, then one trial call.
 
-    A failed trial doubles the back-off (up to BACKOFF_LONGEST); a success closes it.
+    A failed trial doubles the back-off (up to BACKOFF_LONGEST); any success closes it.
     Real time (monotonic), not the store's clock: it measures Redis, not the rules.
     """
 
@@ -77,6 +77,7 @@ class Circuit:
         self.open = False
 
     def allow(self) -> bool:
+        """May a call go now? While open, True means this call is the one trial."""
         if not self.open:
             return True
         if self._trial or self._timer() < self._retry_at:
@@ -92,17 +93,23 @@ class Circuit:
         was_open, self.open, self._trial, self._backoff = self.open, False, False, 0.0
         return was_open
 
-    def failed(self) -> bool:
-        """Open (again) for a longer back-off; True if it was closed."""
+    def failed(self, trial: bool) -> bool:
+        """Open, or after a failed trial open for longer; True if it was closed.
+
+        Calls already in flight when it opened fail too; they change nothing.
+        """
+        if self.open and not trial:
+            return False
         was_open = self.open
         self._backoff = min(self._backoff * 2, BACKOFF_LONGEST) if was_open else BACKOFF_FIRST
         self._retry_at = self._timer() + self._backoff
         self.open, self._trial = True, False
         return not was_open
 
-    def abandoned(self) -> None:
+    def abandoned(self, trial: bool) -> None:
         """The call was cancelled (a client hung up): let the next call be the trial."""
-        self._trial = False
+        if trial:
+            self._trial = False
 
 
 class RedisState:
@@ -118,7 +125,8 @@ class RedisState:
         alive_ttl: float = ALIVE_TTL,
         timeout: float = CALL_TIMEOUT,
         prefix: str = "pollguard:",
-        max_connections: int = 64,
+        max_connections: int = 32,
+        warm_connections: int = 8,
     ) -> None:
         self._clock = clock
         self._timeout = timeout
@@ -126,6 +134,9 @@ class RedisState:
         self._alive_ms = str(max(1, round(alive_ttl * 1000)))
         self._where = redacted(url)
         try:
+            db = URL(url).path.strip("/") if url.startswith(("redis:", "rediss:")) else ""
+            if db and not db.isdigit():  # redis-py would quietly use db 0
+                raise ValueError(f"the path must be a db number, got {db!r}")
             # No retries inside redis-py: its default backs off for seconds, and the
             # circuit below is the only retry policy the request path can afford.
             self._pool = BlockingConnectionPool.from_url(
@@ -151,6 +162,7 @@ class RedisState:
             maxsize=cache_size, ttl=cache_ttl, timer=clock
         )
         self._rules: dict[str, None] = {}  # rule names this process knows, in order
+        self._warm = min(warm_connections, max_connections)
 
     def _keys(self, rule: str, task_id: str) -> list[str]:
         tag = f"{self._prefix}{{{rule}}}"
@@ -167,19 +179,20 @@ class RedisState:
                 f"redis at {self._where}: not asked after errors, next try in "
                 f"{circuit.retry_in():.2f}s"
             )
+        trial = circuit.open
         try:
             async with asyncio.timeout(timeout or self._timeout):
                 result = await call()
         except (RedisError, OSError, TimeoutError) as exc:
             reason = str(exc) or f"no answer within {(timeout or self._timeout) * 1000:.0f} ms"
-            if circuit.failed():
+            if circuit.failed(trial):
                 log.warning(
                     "state store unavailable: failing open (requests are forwarded)",
                     extra={"event": "state_unavailable", "state": self._where, "error": reason},
                 )
             raise StateError(f"redis at {self._where}: {reason}") from exc
         except BaseException:
-            circuit.abandoned()
+            circuit.abandoned(trial)
             raise
         if circuit.succeeded():
             log.info(
@@ -294,6 +307,8 @@ class RedisState:
         )
 
     async def retain(self, rules: Collection[Rule]) -> None:
+        if self._warm:
+            await self._open_connections()
         keep = {r.name: None for r in rules}
         gone = [name for name in self._rules if name not in keep]
         self._rules = keep
@@ -308,6 +323,24 @@ class RedisState:
             log.warning(
                 "could not drop the state of removed rules; it expires by itself",
                 extra={"event": "state_error", "rules": gone, "error": str(exc)},
+            )
+
+    async def _open_connections(self) -> None:
+        """Before the first request (Pollguard.start calls retain): connecting costs round
+        trips, and a burst of first polls each opening a connection would not fit in 50 ms."""
+        count, self._warm = self._warm, 0
+
+        async def connect() -> None:
+            opened = [await self._pool.get_connection() for _ in range(count)]  # type: ignore[no-untyped-call]
+            for conn in opened:
+                await self._pool.release(conn)
+
+        try:
+            await self._call(connect, ADMIN_TIMEOUT)
+        except StateError as exc:
+            log.warning(
+                "state store unavailable at start: failing open until it answers",
+                extra={"event": "state_error", "error": str(exc)},
             )
 
     async def _drop(self, rules: list[str]) -> None:
