@@ -326,14 +326,16 @@ class RedisState:
             )
 
     async def _open_connections(self) -> None:
-        """Before the first request (Pollguard.start calls retain): connecting costs round
-        trips, and a burst of first polls each opening a connection would not fit in 50 ms."""
+        """Before the first request (Pollguard.start calls retain): connecting and loading
+        the scripts cost round trips that a burst of first polls would pay within 50 ms."""
         count, self._warm = self._warm, 0
 
         async def connect() -> None:
             opened = [await self._pool.get_connection() for _ in range(count)]  # type: ignore[no-untyped-call]
             for conn in opened:
                 await self._pool.release(conn)
+            for script in (self._admit, self._record, self._unblock):
+                await self._redis.script_load(script.script)
 
         try:
             await self._call(connect, ADMIN_TIMEOUT)
