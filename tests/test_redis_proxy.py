@@ -9,9 +9,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import MakeRedis
+from proxy.state.redis import RedisState
+from tests.conftest import MakeRedis, StartPollguard
 from tests.processes import PollguardProcess, RedisServer, pollguards
-from tests.support import Upstream, rule_toml
+from tests.support import FakeClock, Upstream, rule_toml, ruleset
 
 pytestmark = pytest.mark.slow
 
@@ -146,3 +147,43 @@ async def test_a_paused_redis_adds_bounded_latency_and_healthz_answers(
         slack = max(baseline) + 0.1
         assert max(during) < 0.05 + slack, (max(during), max(baseline))
         assert sorted(during)[len(during) // 2] < 0.02 + max(baseline)
+
+
+async def test_the_proxy_on_redis_state_blocks_probes_and_unblocks(
+    start_pollguard: StartPollguard,
+    upstream: Upstream,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+    clock: FakeClock,
+) -> None:
+    pg = await start_pollguard(
+        ruleset(rule_toml(threshold=2, probe_every="5m")),
+        state=RedisState(redis_server.url(), clock=clock),
+    )
+    url = pg.url("/test/status/back")
+    assert [await status_of(http, str(url)) for _ in range(4)] == [404, 404, 410, 410]
+    clock.advance(300)
+    upstream.statuses["back"] = 200
+    assert await status_of(http, str(url)) == 200  # the probe
+    assert await status_of(http, str(url)) == 200
+    assert upstream.hits_for("back") == 4
+    async with http.get(pg.admin("/metrics")) as resp:
+        text = await resp.text()
+    assert 'pollguard_requests_total{outcome="probe",rule="task-status"} 1.0' in text
+    assert "pollguard_tracked_keys 0.0" in text
+    assert "pollguard_state_errors_total 0.0" in text
+
+
+async def test_blocked_polls_are_answered_without_redis(
+    start_pollguard: StartPollguard,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+    clock: FakeClock,
+) -> None:
+    pg = await start_pollguard(state=RedisState(redis_server.url(), clock=clock))
+    url = str(pg.url("/test/status/lost"))
+    for _ in range(5):
+        await status_of(http, url)
+    before = redis_server.evalsha_calls()
+    assert [await status_of(http, url) for _ in range(200)] == [410] * 200
+    assert redis_server.evalsha_calls() == before

@@ -102,6 +102,27 @@ async def test_repeat_polls_of_a_blocked_key_do_not_ask_redis(
     assert redis_server.evalsha_calls() == before + 1
 
 
+async def test_steady_polls_of_a_blocked_key_renew_the_cache_in_the_background(
+    redis_server: RedisServer, make_state: MakeState, clock: FakeClock
+) -> None:
+    a, b = make_state(redis_server.url()), make_state(redis_server.url())
+    for _ in range(5):
+        await a.record(RULE, "lost", 404)
+    assert await b.admit(RULE, "lost") is Action.BLOCK
+    before = redis_server.evalsha_calls()
+    for _ in range(40):  # 10 s of polls, 4 a second
+        clock.advance(0.25)
+        assert await b.admit(RULE, "lost") is Action.BLOCK
+        await asyncio.sleep(0.02)  # the background re-read
+    assert redis_server.evalsha_calls() == before  # no request waited on Redis
+
+    assert await a.unblock("task-status", "lost") is True
+    clock.advance(0.5)
+    assert await b.admit(RULE, "lost") is Action.BLOCK  # from the cache; re-read starts
+    await asyncio.sleep(0.1)
+    assert await b.admit(RULE, "lost") is Action.FORWARD  # within the cache lifetime
+
+
 async def test_an_unblock_holds_on_every_replica_within_the_cache_lifetime(
     redis_server: RedisServer, make_state: MakeState, clock: FakeClock
 ) -> None:

@@ -39,6 +39,7 @@ log = logging.getLogger("pollguard.state")
 
 T = TypeVar("T")
 Key = tuple[str, str]
+Cached = tuple[float, float, float]  # blocked_until, next_probe, when it was read from Redis
 
 CALL_TIMEOUT = 0.05  # the request path never waits on Redis longer than this
 ADMIN_TIMEOUT = 1.0  # listing blocks, gauges, dropping a rule: more data, nobody's poll waiting
@@ -157,10 +158,14 @@ class RedisState:
         self._record = self._redis.register_script(_script("record.lua"))
         self._unblock = self._redis.register_script(_script("unblock.lua"))
         self._circuit = Circuit()
-        # (rule, task id) -> (blocked_until, next_probe) as last read from Redis
-        self._blocked: TTLCache[Key, tuple[float, float]] = TTLCache(
+        self._blocked: TTLCache[Key, Cached] = TTLCache(
             maxsize=cache_size, ttl=cache_ttl, timer=clock
         )
+        # A key polled while blocked is re-read in the background from half its lifetime
+        # on, so a steady stream of blocked polls never waits on Redis, and an unblock on
+        # another replica still shows here within the lifetime.
+        self._refresh_after = cache_ttl / 2
+        self._refreshing: dict[Key, asyncio.Task[None]] = {}
         self._rules: dict[str, None] = {}  # rule names this process knows, in order
         self._warm = min(warm_connections, max_connections)
 
@@ -210,8 +215,10 @@ class RedisState:
         now = self._clock()
         cached = self._blocked.get(key)
         if cached is not None:
-            blocked_until, next_probe = cached
+            blocked_until, next_probe, read_at = cached
             if now < blocked_until and now < next_probe:
+                if now - read_at >= self._refresh_after and key not in self._refreshing:
+                    self._refresh(key, cached)
                 return Action.BLOCK
             # a probe is due (Redis decides which replica takes it) or the block ended
         self._remember(rule)
@@ -223,8 +230,27 @@ class RedisState:
         if action is Action.FORWARD:
             self._blocked.pop(key, None)
         else:
-            self._blocked[key] = (float(reply[1]), float(reply[2]))
+            self._blocked[key] = (float(reply[1]), float(reply[2]), now)
         return action
+
+    def _refresh(self, key: Key, cached: Cached) -> None:
+        task = asyncio.get_running_loop().create_task(self._reread(key, cached))
+        self._refreshing[key] = task
+        task.add_done_callback(lambda _: self._refreshing.pop(key, None))
+
+    async def _reread(self, key: Key, cached: Cached) -> None:
+        state_key = self._keys(*key)[0]
+        try:
+            until, probe = await self._call(lambda: self._redis.hmget(state_key, "b", "p"))
+        except StateError:
+            return  # the entry ends with its lifetime; then requests ask Redis (or fail open)
+        if self._blocked.get(key) is not cached:
+            return  # changed here meanwhile (a probe's answer, an unblock): that is newer
+        now = self._clock()
+        if until is not None and probe is not None and now < float(until):
+            self._blocked[key] = (float(until), float(probe), now)
+        else:
+            self._blocked.pop(key, None)
 
     async def record(self, rule: Rule, task_id: str, status: int) -> Outcome:
         key = (rule.name, task_id)
@@ -235,15 +261,16 @@ class RedisState:
         else:
             kind = "other"
         self._remember(rule)
+        now = self._clock()
         args: list[str | float] = [
-            self._clock(), kind, task_id, rule.window, rule.threshold, rule.threshold_after_2xx,
+            now, kind, task_id, rule.window, rule.threshold, rule.threshold_after_2xx,
             rule.grace, rule.block_for, math.inf if rule.probe_every is None else rule.probe_every,
             self._alive_ms,
         ]  # fmt: skip
         reply: list[str] = await self._call(lambda: self._record(keys=self._keys(*key), args=args))
         state = _key_state(reply[4:]) if len(reply) > 4 else None
         if state is not None and state.blocked_until:
-            self._blocked[key] = (state.blocked_until, state.next_probe)
+            self._blocked[key] = (state.blocked_until, state.next_probe, now)
         else:
             self._blocked.pop(key, None)
         return Outcome(
@@ -364,6 +391,9 @@ class RedisState:
         await self._call(ping)
 
     async def close(self) -> None:
+        for task in list(self._refreshing.values()):
+            task.cancel()
+        await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
         await self._redis.aclose()
         await self._pool.aclose()
 
