@@ -80,7 +80,7 @@ async def test_upstream_timeouts_and_unreachable_never_count(
     upstream.delay = 0.5
     pg = await start_pollguard(upstream_timeout=0.1)
     for _ in range(6):
-        status, _headers, _ = await get(http, pg.url("/test/status/slow"))
+        status, _, _ = await get(http, pg.url("/test/status/slow"))
         assert status == 504
     upstream.delay = 0
     assert (await get(http, pg.url("/test/status/slow")))[0] == 404

@@ -343,14 +343,8 @@ class RedisState:
             return
         for key in [k for k in self._blocked if k[0] in gone]:
             self._blocked.pop(key, None)
-        try:
-            await self._call(lambda: self._drop(gone), ADMIN_TIMEOUT)
-        except StateError as exc:
-            # Not fatal: every key of the dropped rules expires on its own.
-            log.warning(
-                "could not drop the state of removed rules; it expires by itself",
-                extra={"event": "state_error", "rules": gone, "error": str(exc)},
-            )
+        # StateError if Redis fails here: not fatal, every key of those rules expires by itself
+        await self._call(lambda: self._drop(gone), ADMIN_TIMEOUT)
 
     async def _open_connections(self) -> None:
         """Before the first request (Pollguard.start calls retain): connecting and loading
