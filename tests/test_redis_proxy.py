@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -11,8 +13,8 @@ import pytest
 
 from proxy.state.redis import RedisState
 from tests.conftest import MakeRedis, StartPollguard
-from tests.processes import PollguardProcess, RedisServer, pollguards
-from tests.support import FakeClock, Upstream, rule_toml, ruleset
+from tests.processes import RedisServer
+from tests.support import FakeClock, ServeProcess, Upstream, rule_toml, ruleset
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +26,27 @@ def rules_file(folder: Path, **keys: object) -> str:
 
 
 def serve_args(upstream: Upstream, redis: RedisServer, rules: str) -> tuple[str, ...]:
-    return ("--upstream", upstream.url, "--rules", rules, "--state", redis.url())
+    return (
+        "--upstream", upstream.url, "--rules", rules, "--state", redis.url(),
+        "--access-log", "off",
+    )  # fmt: skip
+
+
+@asynccontextmanager
+async def pollguards(folder: Path, *argsets: tuple[str, ...]) -> AsyncIterator[list[ServeProcess]]:
+    """`pollguard serve` processes, one per argument tuple; all stopped at the end."""
+    started: list[ServeProcess] = []
+    try:
+        for i, args in enumerate(argsets):
+            logs = folder / f"pollguard-{i}"
+            logs.mkdir()
+            started.append(ServeProcess(*args, logs=str(logs)))
+            await started[-1].start()
+        yield started
+    finally:
+        for pg in started:
+            if pg.proc is not None:
+                await pg.stop()
 
 
 async def status_of(http: aiohttp.ClientSession, url: str) -> int:
@@ -46,7 +68,7 @@ async def test_two_replicas_block_after_the_fifth_miss_in_total(
 ) -> None:
     args = serve_args(upstream, redis_server, rules_file(tmp_path, threshold=5))
     splits = {"alternate": "ABABA", "mostly-a": "AAAAB", "mostly-b": "BBBBA", "one-a": "ABBBB"}
-    with pollguards(tmp_path, args, args) as (a, b):
+    async with pollguards(tmp_path, args, args) as (a, b):
         replica = {"A": a, "B": b}
         for task_id, split in splits.items():
             statuses = [
@@ -75,7 +97,7 @@ async def test_kill_9_of_redis_under_traffic_gives_no_5xx_and_recovers_by_itself
     seen: list[int] = []
     stop = asyncio.Event()
 
-    async def traffic(pg: PollguardProcess, worker: int) -> None:
+    async def traffic(pg: ServeProcess, worker: int) -> None:
         n = 0
         while not stop.is_set():
             n += 1
@@ -83,7 +105,7 @@ async def test_kill_9_of_redis_under_traffic_gives_no_5xx_and_recovers_by_itself
             seen.append(await status_of(http, f"{pg.base}/test/status/{task_id}"))
             await asyncio.sleep(0.005)
 
-    with pollguards(tmp_path, args) as (pg,):
+    async with pollguards(tmp_path, args) as (pg,):
         clients = [asyncio.create_task(traffic(pg, i)) for i in range(4)]
         try:
             for _ in range(100):
@@ -93,7 +115,7 @@ async def test_kill_9_of_redis_under_traffic_gives_no_5xx_and_recovers_by_itself
             assert 410 in seen
             redis.kill()  # SIGKILL
             await asyncio.sleep(1.5)
-            async with http.get(pg.admin_url("/readyz")) as resp:
+            async with http.get(pg.admin_base + "/readyz") as resp:
                 assert resp.status == 503
             redis.start()
             restarted = time.monotonic()
@@ -110,9 +132,9 @@ async def test_kill_9_of_redis_under_traffic_gives_no_5xx_and_recovers_by_itself
             await asyncio.gather(*clients)
         assert recovered is not None and recovered < 5.0, "blocking did not come back"
         assert all(s in (200, 404, 410) for s in seen), sorted(set(seen))
-        async with http.get(pg.admin_url("/readyz")) as resp:
+        async with http.get(pg.admin_base + "/readyz") as resp:
             assert resp.status == 200
-        assert await metric(http, pg.admin_url("/metrics"), "pollguard_state_errors_total") > 0
+        assert await metric(http, pg.admin_base + "/metrics", "pollguard_state_errors_total") > 0
 
 
 async def test_a_paused_redis_adds_bounded_latency_and_healthz_answers(
@@ -123,7 +145,7 @@ async def test_a_paused_redis_adds_bounded_latency_and_healthz_answers(
 ) -> None:
     redis = make_redis()
     args = serve_args(upstream, redis, rules_file(tmp_path, threshold=5))
-    with pollguards(tmp_path, args) as (pg,):
+    async with pollguards(tmp_path, args) as (pg,):
 
         async def timed(url: str) -> tuple[int, float]:
             started = time.perf_counter()
@@ -138,9 +160,9 @@ async def test_a_paused_redis_adds_bounded_latency_and_healthz_answers(
             status, took = await timed(f"{pg.base}/test/status/paused-{len(during) % 5}")
             assert status == 404
             during.append(took)
-            health, health_took = await timed(pg.admin_url("/healthz"))
+            health, health_took = await timed(pg.admin_base + "/healthz")
             assert health == 200 and health_took < 0.1
-        async with http.get(pg.admin_url("/readyz")) as resp:
+        async with http.get(pg.admin_base + "/readyz") as resp:
             assert resp.status == 503
 
         # ~50 ms per Redis call at most, and the circuit spares the requests after the first

@@ -3,29 +3,64 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.processes import REPO, PollguardProcess, RedisServer, free_port, wait_for
-from tests.support import Upstream, rule_toml
+from tests.processes import RedisServer
+from tests.support import REPO, ServeProcess, Upstream, cli_env, free_port, rule_toml
 
 pytestmark = pytest.mark.slow
 
 
-def worker_pids(pg: PollguardProcess) -> dict[int, int]:
+@pytest.fixture
+async def workers(tmp_path: Path) -> AsyncIterator[list[ServeProcess]]:
+    """Started `serve --workers` parents, stopped at the end, no worker left behind."""
+    started: list[ServeProcess] = []
+    yield started
+    for pg in started:
+        if pg.proc is not None and pg.proc.returncode is None:
+            await pg.stop()
+        for pid in worker_pids(pg).values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def start_workers(
+    started: list[ServeProcess], tmp_path: Path, count: int, *args: str
+) -> ServeProcess:
+    pg = ServeProcess("--workers", str(count), "--access-log", "off", *args, logs=str(tmp_path))
+    started.append(pg)
+    await pg.start()
+    for worker in range(count):
+        await wait_healthy(admin_url(pg, "/healthz", worker))
+    return pg
+
+
+def admin_url(pg: ServeProcess, path: str, worker: int = 0) -> str:
+    return f"http://127.0.0.1:{pg.admin_port + worker}{path}"
+
+
+def events(pg: ServeProcess) -> list[dict[str, Any]]:
+    found = []
+    for line in pg.stderr().splitlines():
+        if line.startswith("{"):
+            found.append(json.loads(line))
+    return found
+
+
+def worker_pids(pg: ServeProcess) -> dict[int, int]:
     """worker index -> pid of its latest start, from the parent's events."""
-    pids: dict[int, int] = {}
-    for event in pg.events():
-        if event.get("event") == "worker_started":
-            pids[event["worker"]] = event["pid"]
-    return pids
+    return {e["worker"]: e["pid"] for e in events(pg) if e.get("event") == "worker_started"}
 
 
 def alive(pid: int) -> bool:
@@ -43,82 +78,87 @@ async def get_status(url: str) -> int:
         return resp.status
 
 
+async def wait_healthy(url: str, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                if await get_status(url) == 200:
+                    return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+async def eventually(check: Any, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.05)
+
+
 async def test_workers_share_the_port_count_as_one_and_come_back(
-    tmp_path: Path, upstream: Upstream, redis_server: RedisServer
+    tmp_path: Path,
+    upstream: Upstream,
+    redis_server: RedisServer,
+    workers: list[ServeProcess],
 ) -> None:
     rules = tmp_path / "rules.toml"
     rules.write_text(rule_toml(threshold=5))
-    pg = PollguardProcess(
-        tmp_path, "--upstream", upstream.url, "--rules", str(rules),
-        "--state", redis_server.url(), "--workers", "3",
+    pg = await start_workers(
+        workers, tmp_path, 3,
+        "--upstream", upstream.url, "--rules", str(rules), "--state", redis_server.url(),
     )  # fmt: skip
-    try:
-        pg.wait_ready(workers=3)
-        first = worker_pids(pg)
-        assert sorted(first) == [0, 1, 2]
-        for worker in range(3):
-            assert await get_status(pg.admin_url("/readyz", worker)) == 200
+    first = worker_pids(pg)
+    assert sorted(first) == [0, 1, 2]
+    for worker in range(3):
+        assert await get_status(admin_url(pg, "/readyz", worker)) == 200
+    served = {e["admin"] for e in events(pg) if e.get("event") == "started"}
+    assert len(served) == 3  # every worker on its own admin port
 
-        statuses = [await get_status(f"{pg.base}/test/status/lost") for _ in range(8)]
-        assert statuses == [404] * 5 + [410] * 3
-        assert upstream.hits_for("lost") == 5
-        served = {
-            e["admin"] for e in pg.events() if e.get("event") == "started"
-        }  # every worker serves on its own admin port
-        assert len(served) == 3
+    statuses = [await get_status(f"{pg.base}/test/status/lost") for _ in range(8)]
+    assert statuses == [404] * 5 + [410] * 3
+    assert upstream.hits_for("lost") == 5
 
-        os.kill(first[1], signal.SIGKILL)
-        wait_for(lambda: worker_pids(pg)[1] != first[1], 10, "worker 1 to be restarted")
-        pg.wait_ready(workers=3)
-        assert await get_status(pg.admin_url("/healthz", 1)) == 200
-        assert not alive(first[1])
+    os.kill(first[1], signal.SIGKILL)
+    await eventually(lambda: worker_pids(pg)[1] != first[1])
+    await wait_healthy(admin_url(pg, "/healthz", 1))
+    assert not alive(first[1])
 
-        last = worker_pids(pg)
-        os.kill(pg.proc.pid, signal.SIGHUP)  # passed on; the workers stay up
-        await asyncio.sleep(0.5)
-        assert worker_pids(pg) == last
-        assert all(alive(pid) for pid in last.values())
-        assert await get_status(pg.admin_url("/healthz", 2)) == 200
+    last = worker_pids(pg)
+    assert pg.proc is not None
+    pg.proc.send_signal(signal.SIGHUP)  # passed on: each worker reloads its rules
+    await eventually(lambda: sum(e.get("event") == "rules_reloaded" for e in events(pg)) == 3)
+    assert worker_pids(pg) == last
+    assert all(alive(pid) for pid in last.values())
 
-        assert pg.stop() == 0
-        for pid in last.values():
-            assert not alive(pid)
-        with socket.socket() as sock:  # the port is free again
-            sock.bind(("127.0.0.1", pg.listen))
-    finally:
-        pg.stop()
+    assert await pg.stop() == 0
+    for pid in last.values():
+        assert not alive(pid)
+    with socket.socket() as sock:  # the port is free again
+        sock.bind(("127.0.0.1", pg.port))
 
 
 async def test_a_killed_parent_takes_its_workers_along(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, workers: list[ServeProcess]
 ) -> None:
-    pg = PollguardProcess(
-        tmp_path, "--upstream", "http://127.0.0.1:9", "--rules", str(REPO / "rules"),
-        "--state", redis_server.url(), "--workers", "2",
+    pg = await start_workers(
+        workers, tmp_path, 2,
+        "--upstream", "http://127.0.0.1:9", "--rules", REPO + "/rules",
+        "--state", redis_server.url(),
     )  # fmt: skip
-    try:
-        pg.wait_ready(workers=2)
-        pids = worker_pids(pg)
-        pg.proc.kill()
-        pg.proc.wait(timeout=5)
-        wait_for(lambda: not any(alive(pid) for pid in pids.values()), 10, "orphaned workers")
-    finally:
-        pg.stop()
-        for pid in worker_pids(pg).values():  # never leave one behind, even on failure
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    pids = worker_pids(pg)
+    await pg.kill()
+    await eventually(lambda: not any(alive(pid) for pid in pids.values()))
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "proxy", "serve", *args],
-        capture_output=True, text=True, timeout=30, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=30, cwd=REPO, env=cli_env(),
     )  # fmt: skip
 
 
-def test_workers_with_memory_state_are_refused(upstream_url: str = "http://127.0.0.1:9") -> None:
-    done = run_cli("--upstream", upstream_url, "--rules", str(REPO / "rules"), "--workers", "2")
+def test_workers_with_memory_state_are_refused() -> None:
+    done = run_cli("--upstream", "http://127.0.0.1:9", "--rules", REPO + "/rules", "--workers", "2")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
     assert "--state redis://" in done.stderr
@@ -130,7 +170,7 @@ def test_a_taken_port_is_one_line_before_any_worker_starts(redis_server: RedisSe
         taken.listen()
         port = taken.getsockname()[1]
         done = run_cli(
-            "--upstream", "http://127.0.0.1:9", "--rules", str(REPO / "rules"),
+            "--upstream", "http://127.0.0.1:9", "--rules", REPO + "/rules",
             "--state", redis_server.url(), "--workers", "2",
             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{free_port()}",
         )  # fmt: skip
