@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -39,11 +40,29 @@ async def start_workers(
     started: list[ServeProcess], tmp_path: Path, count: int, *args: str
 ) -> ServeProcess:
     pg = ServeProcess("--workers", str(count), "--access-log", "off", *args, logs=str(tmp_path))
+    # worker i serves admin on the admin port + i: all of them must be free
+    pg.admin_port = free_ports(count)
+    pg.args[pg.args.index("--admin-listen") + 1] = f"127.0.0.1:{pg.admin_port}"
     started.append(pg)
     await pg.start()
     for worker in range(count):
         await wait_healthy(admin_url(pg, "/healthz", worker))
     return pg
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive loopback ports that are free right now."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise AssertionError(f"no {count} consecutive free ports")
 
 
 def admin_url(pg: ServeProcess, path: str, worker: int = 0) -> str:
