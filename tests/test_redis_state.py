@@ -10,6 +10,7 @@ import pytest
 
 from proxy.errors import ConfigError, StateError
 from proxy.guard import Action
+from proxy.state.circuit import Circuit
 from proxy.state.redis import RedisState
 from tests.conftest import MakeRedis
 from tests.processes import RedisServer, free_port
@@ -245,3 +246,28 @@ async def test_rediss_speaks_tls() -> None:
         assert state._pool.connection_kwargs["password"] == "pw"
     finally:
         await state.close()
+
+
+def test_the_circuit_lets_one_trial_through_and_backs_off_longer_while_trials_fail() -> None:
+    now = [0.0]
+    circuit = Circuit(timer=lambda: now[0])
+    assert circuit.allow()
+    assert circuit.failed(trial=False) is True  # opened
+    assert circuit.failed(trial=False) is False  # calls in flight change nothing
+    assert not circuit.allow()
+    now[0] = 0.25
+    assert circuit.allow()  # the trial
+    assert not circuit.allow()  # only one
+    circuit.abandoned(trial=True)  # a client hung up on it
+    assert circuit.allow()
+    circuit.failed(trial=True)
+    now[0] += 0.49
+    assert not circuit.allow()  # doubled: 0.5 s
+    now[0] += 0.01
+    assert circuit.allow()
+    for _ in range(5):
+        circuit.failed(trial=True)
+        now[0] += 2.0  # never longer than 2 s
+        assert circuit.allow()
+    assert circuit.succeeded() is True
+    assert circuit.allow() and circuit.allow()

@@ -34,6 +34,7 @@ from proxy.errors import ConfigError, StateError
 from proxy.guard import Action, KeyState, Outcome
 from proxy.rules import Rule
 from proxy.state import Block, Clock, Stats
+from proxy.state.circuit import Circuit
 
 log = logging.getLogger("pollguard.state")
 
@@ -45,7 +46,6 @@ CALL_TIMEOUT = 0.05  # the request path never waits on Redis longer than this
 ADMIN_TIMEOUT = 1.0  # listing blocks, gauges, dropping a rule: more data, nobody's poll waiting
 CACHE_TTL = 1.0  # a blocked key is answered locally this long; an unblock elsewhere holds after it
 ALIVE_TTL = 86_400.0  # "seen answered 2xx" outlives the last 2xx by a day
-BACKOFF_FIRST, BACKOFF_LONGEST = 0.25, 2.0  # seconds without calls once the circuit opens
 _ACTIONS = {"forward": Action.FORWARD, "block": Action.BLOCK, "probe": Action.PROBE}
 _CHUNK = 500
 
@@ -61,56 +61,6 @@ def redacted(url: str) -> str:
     except ValueError:
         return "<unparsable URL>"
     return str(parsed.with_password("***")) if parsed.password else url
-
-
-class Circuit:
-    """Closed: calls go through. Open: none until the back-off ends, then one trial call.
-
-    A failed trial doubles the back-off (up to BACKOFF_LONGEST); any success closes it.
-    Real time (monotonic), not the store's clock: it measures Redis, not the rules.
-    """
-
-    def __init__(self, timer: Callable[[], float] = time.monotonic) -> None:
-        self._timer = timer
-        self._backoff = 0.0
-        self._retry_at = 0.0
-        self._trial = False
-        self.open = False
-
-    def allow(self) -> bool:
-        """May a call go now? While open, True means this call is the one trial."""
-        if not self.open:
-            return True
-        if self._trial or self._timer() < self._retry_at:
-            return False
-        self._trial = True
-        return True
-
-    def retry_in(self) -> float:
-        return max(0.0, self._retry_at - self._timer())
-
-    def succeeded(self) -> bool:
-        """Close; True if it was open."""
-        was_open, self.open, self._trial, self._backoff = self.open, False, False, 0.0
-        return was_open
-
-    def failed(self, trial: bool) -> bool:
-        """Open, or after a failed trial open for longer; True if it was closed.
-
-        Calls already in flight when it opened fail too; they change nothing.
-        """
-        if self.open and not trial:
-            return False
-        was_open = self.open
-        self._backoff = min(self._backoff * 2, BACKOFF_LONGEST) if was_open else BACKOFF_FIRST
-        self._retry_at = self._timer() + self._backoff
-        self.open, self._trial = True, False
-        return not was_open
-
-    def abandoned(self, trial: bool) -> None:
-        """The call was cancelled (a client hung up): let the next call be the trial."""
-        if trial:
-            self._trial = False
 
 
 class RedisState:
