@@ -68,20 +68,19 @@ def scrape_job() -> dict[str, Any]:
     return dict(job)
 
 
-def dashboard_exprs(node: Any = None) -> list[str]:
+def dashboard_exprs() -> list[str]:
     """Every PromQL expression of the dashboard's panels (nested rows included)."""
-    if node is None:
-        node = json.loads(DASHBOARD.read_text(encoding="utf-8"))["panels"]
+    return _exprs(json.loads(DASHBOARD.read_text(encoding="utf-8"))["panels"])
+
+
+def _exprs(node: Any) -> list[str]:
     found: list[str] = []
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "expr":
-                found.append(value)
-            else:
-                found += dashboard_exprs(value)
+            found += [value] if key == "expr" else _exprs(value)
     elif isinstance(node, list):
         for value in node:
-            found += dashboard_exprs(value)
+            found += _exprs(value)
     return found
 
 
