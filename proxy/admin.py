@@ -6,7 +6,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from proxy.errors import StateError
 
@@ -34,8 +34,9 @@ async def metrics(request: web.Request) -> web.Response:
             pg.metrics.observe_state(await pg.state.stats())
     except (StateError, TimeoutError):
         pg.metrics.state_errors.inc()  # the gauges keep their last reading
-    body = generate_latest(pg.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    # Negotiated like prometheus_client's own handler: OpenMetrics if asked, else text 0.0.4.
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return web.Response(body=encode(pg.registry), headers={"Content-Type": content_type})
 
 
 async def healthz(request: web.Request) -> web.Response:

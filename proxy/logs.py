@@ -16,8 +16,8 @@ import time
 from json.encoder import encode_basestring_ascii as _q  # the C encoder, ~20x json.dumps
 from typing import IO, Any
 
-from aiohttp.abc import AbstractAccessLogger
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
 # What the proxy handler decided, left on the request for the access log:

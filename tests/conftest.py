@@ -50,9 +50,7 @@ async def upstream(aiohttp_server: Any) -> Upstream:
 
 
 @pytest.fixture
-async def start_pollguard(
-    upstream: Upstream, clock: FakeClock
-) -> AsyncIterator[StartPollguard]:
+async def start_pollguard(upstream: Upstream, clock: FakeClock) -> AsyncIterator[StartPollguard]:
     started: list[Pollguard] = []
 
     async def start(

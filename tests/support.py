@@ -44,7 +44,9 @@ def toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+        )
     raise TypeError(value)
 
 
@@ -186,3 +188,99 @@ def require_tool(name: str, package: str) -> str:
 def chunks(data: bytes, size: int) -> Iterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i : i + size]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (bound and released; fine on loopback in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for `python -m proxy` run from this checkout, without POLLGUARD_* leaking in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLLGUARD_")}
+    env["PYTHONPATH"] = REPO
+    env.update(extra)
+    return env
+
+
+class ServeProcess:
+    """`python -m proxy serve` as a real child process on free loopback ports."""
+
+    def __init__(self, *args: str, logs: str, env: dict[str, str] | None = None) -> None:
+        self.stdout_path = os.path.join(logs, "stdout.log")
+        self.stderr_path = os.path.join(logs, "stderr.log")
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.args = [
+            "serve", "--listen", f"127.0.0.1:{self.port}",
+            "--admin-listen", f"127.0.0.1:{self.admin_port}", *args,
+        ]  # fmt: skip
+        self.env = env or cli_env()
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_base(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    async def start(self, timeout: float = 10.0) -> ServeProcess:
+        import sys
+
+        import aiohttp
+
+        # Files, not pipes: a pipe nobody reads would fill up and stall the proxy's logging.
+        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", *self.args, env=self.env, stdout=out, stderr=err
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with aiohttp.ClientSession() as http:
+            while loop.time() < deadline:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"pollguard exited {self.proc.returncode}: {self.stderr()}")
+                try:
+                    async with http.get(self.admin_base + "/healthz") as resp:
+                        if resp.status == 200:
+                            return self
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        await self.kill()
+        raise TimeoutError("pollguard did not become healthy")
+
+    def stdout(self) -> str:
+        with open(self.stdout_path, encoding="utf-8") as f:
+            return f.read()
+
+    def stderr(self) -> str:
+        with open(self.stderr_path, encoding="utf-8") as f:
+            return f.read()
+
+    async def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; the exit code."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.proc.wait()
+        except TimeoutError:
+            await self.kill()
+            raise
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()

@@ -80,7 +80,7 @@ async def test_upstream_timeouts_and_unreachable_never_count(
     upstream.delay = 0.5
     pg = await start_pollguard(upstream_timeout=0.1)
     for _ in range(6):
-        status, headers, _ = await get(http, pg.url("/test/status/slow"))
+        status, _, _ = await get(http, pg.url("/test/status/slow"))
         assert status == 504
     upstream.delay = 0
     assert (await get(http, pg.url("/test/status/slow")))[0] == 404
@@ -187,7 +187,7 @@ async def test_task_id_is_json_escaped_in_the_terminal_body(
     start_pollguard: StartPollguard, http: aiohttp.ClientSession
 ) -> None:
     pg = await start_pollguard(ruleset(rule_toml(threshold=1)))
-    raw = '/test/status/a%22%7D%0A%5Cb'  # a"}\n\b
+    raw = "/test/status/a%22%7D%0A%5Cb"  # a"}\n\b
     await get(http, pg.url(raw))
     status, _, body = await get(http, pg.url(raw))
     assert status == 410

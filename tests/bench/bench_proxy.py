@@ -1,0 +1,348 @@
+"""pollguard against its reference points, side by side in one run, with wrk.
+
+    python tests/bench/bench_proxy.py [--seconds 5] [--connections 32] [--redis]
+
+Starts the benchmark upstream (tests/bench/upstream.py), then each front in turn on
+loopback: pollguard, pollguard's Forwarder alone, the minimal aiohttp proxy and a bare
+aiohttp handler (peers.py), and nginx / HAProxy when installed. The front is pinned to
+CPU 1, the upstream and wrk to CPU 0. For each it prints requests/s and the front's CPU
+time per request (read from /proc: steadier than rps on a shared machine), then the
+ratios the performance issue sets targets for. Timings are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import loadgen  # tests/bench/ is sys.path[0] when this file runs as a script
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+LIVE = "/test/status/live-1"
+LOST = "/test/status/lost-1"
+
+
+@dataclass
+class Row:
+    name: str
+    rps: float
+    cpu_us: float  # the front's CPU time per request
+    p99_ms: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def pinned(cpu: int, argv: list[str]) -> list[str]:
+    if (os.cpu_count() or 1) < 2:
+        return argv
+    return ["taskset", "-c", str(cpu), *argv]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+@contextmanager
+def process(
+    argv: list[str], port: int, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    # pollguard's event log would interleave with the table: keep it aside, show it on failure
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        try:
+            try:
+                wait_port(port)
+            except TimeoutError:
+                proc.kill()
+                proc.wait()
+                err.seek(0)
+                raise RuntimeError(f"{argv} did not start: {err.read().decode()}") from None
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def process_tree(pid: int) -> list[int]:
+    """The pid and its descendants (taskset execs in place; nginx forks a worker)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    pids = [pid]
+    for child in out.split():
+        pids += process_tree(int(child))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def wrk(port: int, path: str, seconds: float, connections: int) -> tuple[float, int, float]:
+    """(requests/s, requests, p99 ms) from wrk at full load."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
+            f"http://127.0.0.1:{port}{path}"]  # fmt: skip
+    out = subprocess.run(
+        pinned(0, argv), capture_output=True, text=True, timeout=seconds + 30, check=True
+    ).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    if rps is None or total is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors and path == LIVE:
+        raise RuntimeError(f"{errors.group(1)} failed requests on {path}:\n{out}")
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    p99_ms = float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan")
+    return float(rps.group(1)), int(total.group(1)), p99_ms
+
+
+def measure(name: str, pid: int, port: int, path: str, args: argparse.Namespace) -> Row:
+    wrk(port, path, 1, args.connections)  # warm up: pools filled, code paths hot
+    pids = process_tree(pid)
+    before = cpu_seconds(pids)
+    rps, total, p99 = wrk(port, path, args.seconds, args.connections)
+    row = Row(name, rps, (cpu_seconds(pids) - before) / total * 1e6, p99)
+    print(
+        f"  {name:<48} {rps:>9,.0f} rps {row.cpu_us:>7.1f} us/req   p99 {p99:6.2f} ms", flush=True
+    )
+    return row
+
+
+def get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def nginx_conf(upstream_port: int, tmp: Path) -> Path:
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/nginx.err;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
+  uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+  upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{{port}};
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1;
+                 proxy_set_header Connection ""; }}
+  }}
+}}
+""")
+    return conf
+
+
+def haproxy_conf(upstream_port: int, tmp: Path) -> Path:
+    conf = tmp / "haproxy.cfg"
+    conf.write_text(f"""
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend f
+  bind 127.0.0.1:{{port}}
+  default_backend b
+backend b
+  http-reuse always
+  server s1 127.0.0.1:{upstream_port}
+""")
+    return conf
+
+
+class Bench:
+    """One run: a temp dir, the upstream on CPU 0, then each front in turn on CPU 1."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path, up_port: int) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.up_port = up_port
+        self.upstream = f"http://127.0.0.1:{up_port}"
+        self.env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.rows: dict[str, Row] = {}
+        self.added_p99_ms = float("nan")
+
+    def front(
+        self, key: str, name: str, argv: list[str], path: str, conf: Path | None = None
+    ) -> None:
+        port = free_port()
+        if conf is not None:  # nginx/HAProxy: the port goes into their config file
+            conf.write_text(conf.read_text().replace("{port}", str(port)))
+        argv = [a.replace("{port}", str(port)).replace("{upstream}", self.upstream) for a in argv]
+        with process(pinned(1, argv), port, self.env) as proc:
+            self.rows[key] = measure(name, proc.pid, port, path, self.args)
+
+    def pass_through(self) -> None:
+        print("pass-through: GET a live task, 200 + ~150 B of JSON")
+        py = sys.executable
+        self.front("direct", "direct to upstream (aiohttp, uvloop)",
+                   [py, str(HERE / "upstream.py"), "{port}"], LIVE)  # fmt: skip
+        self.front("minimal", "minimal aiohttp proxy (uvloop)",
+                   [py, str(HERE / "peers.py"), "minimal-proxy", "{port}", "{upstream}"], LIVE)  # fmt: skip
+        self.front("forwarder", "pollguard's Forwarder alone (no rules/metrics/log)",
+                   [py, str(HERE / "peers.py"), "forwarder-only", "{port}", "{upstream}"], LIVE)  # fmt: skip
+
+    def pollguard(self, state: str, state_url: str) -> None:
+        port, admin = free_port(), free_port()
+        argv = [sys.executable, "-m", "proxy", "serve", "--upstream", self.upstream,
+                "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+                "--rules", str(REPO / "rules"), "--state", state_url,
+                "--access-log", str(self.tmp / f"access-{state}.log")]  # fmt: skip
+        with process(pinned(1, argv), port, self.env) as proc:
+            name = f"pollguard, {state} state, access log on"
+            self.rows[f"pg-{state}"] = measure(name, proc.pid, port, LIVE, self.args)
+            for _ in range(6):
+                get(f"http://127.0.0.1:{port}{LOST}")
+            if get(f"http://127.0.0.1:{port}{LOST}") != 410:
+                raise SystemExit("the lost task was not blocked: are the shipped rules/ in place?")
+            name = f"pollguard blocked path, {state} state"
+            self.rows[f"pg-blocked-{state}"] = measure(name, proc.pid, port, LOST, self.args)
+            if state == "memory":
+                self.latency(port)
+
+    def latency(self, pollguard_port: int) -> None:
+        """p99 at half of pollguard's max rate: pollguard vs direct at that same rate."""
+        rate = self.rows["pg-memory"].rps / 2
+        seconds = self.args.latency_seconds
+        proxied = loadgen.run(pollguard_port, LIVE, rate, seconds)
+        port = free_port()
+        with process(pinned(1, [sys.executable, str(HERE / "upstream.py"), str(port)]), port):
+            direct = loadgen.run(port, LIVE, rate, seconds)
+        self.added_p99_ms = proxied.p99_ms - direct.p99_ms
+        print(f"  open loop at {rate:,.0f} rps (half of max): pollguard p50 {proxied.p50_ms:.2f} ms"
+              f" p99 {proxied.p99_ms:.2f} ms; direct p50 {direct.p50_ms:.2f} ms"
+              f" p99 {direct.p99_ms:.2f} ms")  # fmt: skip
+
+    def blocked_reference(self) -> None:
+        print("blocked path reference: the same 410 bytes from a bare aiohttp handler")
+        self.front("canned", "bare aiohttp handler, same bytes",
+                   [sys.executable, str(HERE / "peers.py"), "canned-410", "{port}"], LOST)  # fmt: skip
+
+    def peers(self) -> None:
+        print("peers (pass-through)")
+        if shutil.which("nginx"):
+            conf = nginx_conf(self.up_port, self.tmp)
+            self.front("nginx", "nginx proxy_pass (1 worker)",
+                       ["nginx", "-c", str(conf), "-p", str(self.tmp), "-e", str(self.tmp / "nginx.err")], LIVE, conf)  # fmt: skip
+        if shutil.which("haproxy"):
+            conf = haproxy_conf(self.up_port, self.tmp)
+            self.front("haproxy", "HAProxy (1 thread)", ["haproxy", "-f", str(conf)], LIVE, conf)
+
+
+@contextmanager
+def redis_server(tmp: Path) -> Iterator[int]:
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(tmp)]  # fmt: skip
+    with process(pinned(0, argv), port):
+        yield port
+
+
+def report(rows: dict[str, Row], added_p99_ms: float) -> None:
+    def ratio(a: str, b: str) -> str:
+        if a not in rows or b not in rows:
+            return "n/a"
+        return f"{rows[a].rps / rows[b].rps:.2f}x rps ({rows[a].cpu_us:.0f} vs {rows[b].cpu_us:.0f} us CPU/req)"
+
+    overhead = "n/a"
+    if "pg-memory" in rows and "forwarder" in rows:
+        extra = rows["pg-memory"].cpu_us - rows["forwarder"].cpu_us
+        overhead = f"{extra:.0f} us/req = {extra / rows['pg-memory'].cpu_us:.0%} of pass-through"
+    print("\nratios (targets from the performance issue)")
+    print(
+        f"  pass-through vs minimal aiohttp proxy   {ratio('pg-memory', 'minimal')}  target >= 2x"
+    )
+    print(f"  pass-through vs direct                  {ratio('pg-memory', 'direct')}")
+    print(f"  rules+state+metrics+log overhead        {overhead}  target <= 10%")
+    print(
+        f"  blocked path vs bare aiohttp handler    {ratio('pg-blocked-memory', 'canned')}  target >= 1.0x"
+    )
+    print(f"  p99 added at half load                  {added_p99_ms:.2f} ms  target < 1 ms")
+    if "pg-redis" in rows:
+        print(
+            f"  pass-through, redis vs memory           {ratio('pg-redis', 'pg-memory')}  target >= 0.8x"
+        )
+        print(
+            f"  blocked path, redis vs memory           {ratio('pg-blocked-redis', 'pg-blocked-memory')}  target >= 0.8x"
+        )
+    for peer in ("nginx", "haproxy"):
+        if peer in rows:
+            print(f"  pass-through vs {peer:<23} {ratio('pg-memory', peer)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--latency-seconds", type=int, default=5)
+    parser.add_argument("--redis", action="store_true", help="also run pollguard on Redis state")
+    parser.add_argument("--no-peers", action="store_true", help="skip nginx and HAProxy")
+    args = parser.parse_args()
+    for tool, package in (("wrk", "wrk"), ("taskset", "util-linux"), ("pgrep", "procps")):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} not found: apt-get install -y {package}")
+    print(
+        f"wrk -t1 -c{args.connections} -d{args.seconds}s; front on CPU 1, upstream and wrk on CPU 0"
+    )
+    with tempfile.TemporaryDirectory(prefix="pollguard-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        up_port = free_port()
+        with process(pinned(0, [sys.executable, str(HERE / "upstream.py"), str(up_port)]), up_port):
+            bench = Bench(args, tmp, up_port)
+            bench.pass_through()
+            bench.pollguard("memory", "memory://")
+            if args.redis:
+                with redis_server(tmp) as redis_port:
+                    bench.pollguard("redis", f"redis://127.0.0.1:{redis_port}/0")
+            bench.blocked_reference()
+            if not args.no_peers:
+                bench.peers()
+    report(bench.rows, bench.added_p99_ms)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""An open-loop load generator for latency at a fixed rate (wrk only measures at full load).
+
+Each connection sends its requests on a fixed schedule; latency is measured from the
+scheduled send time, so a stalled server is charged for the requests it delayed
+(no coordinated omission). Loopback only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+
+_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+
+
+@dataclass(frozen=True)
+class Latency:
+    rate: float
+    sent: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+async def _connection(
+    port: int, path: str, interval: float, start: float, end: float, out: list[float]
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    loop = asyncio.get_running_loop()
+    due = start
+    try:
+        while due < end:
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = _LENGTH.search(head)
+            if length:
+                await reader.readexactly(int(length.group(1)))
+            out.append(loop.time() - due)
+            due += interval
+    finally:
+        writer.close()
+
+
+async def measure(
+    port: int, path: str, rate: float, seconds: float, connections: int = 16
+) -> Latency:
+    """Send `rate` requests/s for `seconds` over `connections`; latency percentiles."""
+    loop = asyncio.get_running_loop()
+    interval = connections / rate
+    start = loop.time() + 0.1
+    samples: list[float] = []
+    await asyncio.gather(
+        *(
+            _connection(port, path, interval, start + i * interval / connections,
+                        start + seconds, samples)
+            for i in range(connections)
+        )
+    )  # fmt: skip
+    samples.sort()
+    n = len(samples)
+    return Latency(
+        rate=rate,
+        sent=n,
+        p50_ms=samples[n // 2] * 1000,
+        p99_ms=samples[min(n - 1, int(n * 0.99))] * 1000,
+        max_ms=samples[-1] * 1000,
+    )
+
+
+def run(port: int, path: str, rate: float, seconds: float) -> Latency:
+    import uvloop
+
+    started = time.perf_counter()
+    result = uvloop.run(measure(port, path, rate, seconds))
+    assert time.perf_counter() - started < seconds + 30
+    return result

@@ -1,0 +1,201 @@
+"""The `pollguard` command as a real process: exit codes, one-line errors, signals, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from tests.support import REPO, ServeProcess, Upstream, cli_env, rule_toml
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+
+
+def test_check_accepts_the_shipped_rules() -> None:
+    done = run_cli("check", "--rules", "rules/")
+    assert done.returncode == 0, done.stderr
+    assert 'rules/status.toml: rule "task-status": ok' in done.stdout
+
+
+def test_check_lists_every_error_and_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text(rule_toml(threshold=0, treshold=3))
+    (tmp_path / "b.toml").write_text("[[rule]\n")
+    done = run_cli("check", "--rules", str(tmp_path))
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert lines == [
+        f"{tmp_path}/a.toml: rule \"task-status\": unknown key 'treshold' (did you mean 'threshold'?)",
+        f'{tmp_path}/a.toml: rule "task-status": threshold: must be an integer >= 1, got 0',
+        lines[2],
+    ]
+    assert lines[2].startswith(f"{tmp_path}/b.toml: invalid TOML:")
+    assert "Traceback" not in done.stderr
+
+
+def test_check_reads_the_rules_env_var(tmp_path: Path) -> None:
+    (tmp_path / "x.toml").write_text(rule_toml(name="from-env"))
+    done = run_cli("check", POLLGUARD_RULES=str(tmp_path))
+    assert done.returncode == 0
+    assert 'rule "from-env": ok' in done.stdout
+
+
+def _taken_port() -> tuple[socket.socket, int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock, sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        pytest.param([], {}, "--upstream is required (or set POLLGUARD_UPSTREAM)", id="no-upstream"),
+        pytest.param(
+            ["--upstream", "localhost:5000"], {},
+            "--upstream: must be an http:// or https:// URL with a host, got 'localhost:5000'",
+            id="bad-url",
+        ),
+        pytest.param(
+            [], {"POLLGUARD_UPSTREAM": "ftp://x"},
+            "--upstream: must be an http:// or https:// URL with a host, got 'ftp://x'",
+            id="bad-url-from-env",
+        ),
+        pytest.param(
+            ["--upstream", "http://127.0.0.1:5000", "--listen", "nonsense"], {},
+            "--listen: expected HOST:PORT, got 'nonsense'", id="bad-listen",
+        ),
+        pytest.param(
+            ["--upstream", "http://127.0.0.1:5000", "--upstream-timeout", "soon"], {},
+            "--upstream-timeout: expected a duration like 250ms, 30s, 10m, 1h or 1d, got 'soon'",
+            id="bad-duration",
+        ),
+        pytest.param(
+            ["--upstream", "http://127.0.0.1:5000", "--max-keys", "0"], {},
+            "--max-keys: expected an integer >= 1, got '0'", id="bad-max-keys",
+        ),
+        pytest.param(
+            ["--upstream", "http://127.0.0.1:5000", "--rules", "/nonexistent"], {},
+            "/nonexistent: no such file or folder", id="missing-rules",
+        ),
+        pytest.param(
+            ["--upstream", "http://127.0.0.1:5000", "--workers", "4"], {},
+            "--workers 4 with memory:// state would count each worker apart",
+            id="workers-without-redis",
+        ),
+        pytest.param(
+            ["--upstream", "http://127.0.0.1:5000", "--bogus"], {},
+            "unrecognized arguments: --bogus", id="unknown-flag",
+        ),
+    ],
+)  # fmt: skip
+def test_serve_refuses_mistakes_with_one_line_and_exit_2(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    done = run_cli("serve", "--admin-listen", "127.0.0.1:0", *args, **env)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_serve_refuses_bad_rules_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "r.toml").write_text(rule_toml(threshold=0, window="x"))
+    done = run_cli("serve", "--upstream", "http://127.0.0.1:5000", "--rules", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr == (
+        f'pollguard serve: {tmp_path}/r.toml: rule "task-status": threshold: must be an integer'
+        " >= 1, got 0 (and 1 more: run pollguard check)\n"
+    )
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--admin-listen"])
+def test_serve_refuses_a_taken_port(flag: str) -> None:
+    sock, port = _taken_port()
+    with sock:
+        other = "--admin-listen" if flag == "--listen" else "--listen"
+        done = run_cli(
+            "serve", "--upstream", "http://127.0.0.1:5000",
+            flag, f"127.0.0.1:{port}", other, "127.0.0.1:0",
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"pollguard serve: {flag}: cannot listen on 127.0.0.1:{port}: ")
+    assert "in use" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+async def test_sigterm_drains_in_flight_requests_and_exits_0(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    proc = await ServeProcess(
+        "--upstream", upstream.url, "--rules", f"{REPO}/rules", logs=str(tmp_path)
+    ).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            slow = asyncio.ensure_future(http.get(proc.base + "/slow?delay=1"))
+            await asyncio.sleep(0.3)
+            assert proc.proc is not None
+            proc.proc.send_signal(signal.SIGTERM)
+            resp = await asyncio.wait_for(slow, 10)
+            assert resp.status == 200
+            assert await resp.json() == {"slow": True}
+            resp.release()
+        assert await proc.stop() == 0
+    finally:
+        await proc.kill()
+    events = [json.loads(line) for line in proc.stderr().splitlines()]
+    assert [e["event"] for e in events if "event" in e] == ["started", "stopping"]
+
+
+async def test_access_log_is_json_lines_with_a_marker_for_blocked_answers(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    proc = await ServeProcess(
+        "--upstream", upstream.url, "--rules", f"{REPO}/rules", logs=str(tmp_path)
+    ).start()
+    paths = ["/test/status/gone"] * 6 + ['/other/"quoted"\\', "/test/status/a%0Ab", "/x?q=%22}"]
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path in paths:
+                async with http.get(URL(proc.base + path, encoded=True)) as resp:
+                    await resp.read()
+        assert await proc.stop() == 0
+    finally:
+        await proc.kill()
+    lines = proc.stdout().splitlines()
+    assert len(lines) == len(paths)
+    records = [json.loads(line) for line in lines]
+    assert [r["path"] for r in records] == paths
+    blocked = [r for r in records if r.get("pollguard") == "blocked"]
+    assert len(blocked) == 1
+    assert blocked[0] | {"time": "", "ms": 0, "remote": ""} == {
+        "time": "", "ms": 0, "remote": "", "method": "GET", "path": "/test/status/gone",
+        "status": 410, "bytes": blocked[0]["bytes"], "rule": "task-status",
+        "outcome": "blocked", "task_id": "gone", "pollguard": "blocked",
+    }  # fmt: skip
+    assert records[0]["outcome"] == "forwarded" and records[0]["status"] == 404
+    assert records[6]["rule"] == "none"
+    assert sum('"pollguard":"blocked"' in line for line in lines) == 1
+
+
+def test_serve_refuses_the_pure_python_http_parser() -> None:
+    done = run_cli("serve", "--upstream", "http://127.0.0.1:5000", AIOHTTP_NO_EXTENSIONS="1")
+    assert done.returncode == 2
+    assert "aiohttp's C HTTP parser is not in use" in done.stderr
+    assert done.stderr.count("\n") == 1

@@ -1,0 +1,82 @@
+"""Request -> key: the normalisation table, and what never matches."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.matching import Matcher, normalize, parse_template
+from tests.support import rule_toml, ruleset
+
+MATCHER = Matcher(
+    ruleset(
+        rule_toml(),
+        rule_toml(name="jobs", path="/api/jobs/{task_id}/state", methods=["GET"]),
+    ).rules
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        pytest.param("/test/status/lost-1", "lost-1", id="plain"),
+        pytest.param("/test/status/%6Cost-1", "lost-1", id="percent-encoded"),
+        pytest.param("/test/status//lost-1/", "lost-1", id="double-and-trailing-slash"),
+        pytest.param("/test/status/lost-1?x=1", "lost-1", id="query-ignored"),
+        pytest.param("//test///status/lost-1", "lost-1", id="repeated-slashes"),
+        pytest.param("/test/./status/lost-1", "lost-1", id="dot"),
+        pytest.param("/test/x/../status/lost-1", "lost-1", id="dot-dot"),
+        pytest.param("/test/status/x/%2e%2e/lost-1", "lost-1", id="encoded-dot-dot"),
+        pytest.param("/../test/status/lost-1", "lost-1", id="dot-dot-above-root"),
+        pytest.param("/test/%73tatus/lost-1", "lost-1", id="encoded-literal"),
+        pytest.param("/test/status/a%2Fb", "a/b", id="encoded-slash-stays-in-segment"),
+        pytest.param("/test/status/%E2%98%83", "\u2603", id="utf8"),
+        pytest.param(
+            "/test/status/3e82324d-ca93-4a23-8405-2ddac30ef43a",
+            "3e82324d-ca93-4a23-8405-2ddac30ef43a",
+            id="uuid",
+        ),
+    ],
+)
+def test_variants_of_one_path_give_one_key(raw: str, key: str) -> None:
+    hit = MATCHER.match("GET", raw)
+    assert hit is not None
+    rule, task_id = hit
+    assert (rule.name, task_id) == ("task-status", key)
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        pytest.param("POST", "/test/status/x", id="method"),
+        pytest.param("GET", "/test/status", id="no-id"),
+        pytest.param("GET", "/test/status/", id="empty-id"),
+        pytest.param("GET", "/test/status/x/y", id="too-long"),
+        pytest.param("GET", "/Test/status/x", id="case-matters"),
+        pytest.param("GET", "/test/status/%ff", id="not-utf8"),
+        pytest.param("GET", "/test/status/x/..", id="dot-dot-eats-the-id"),
+        pytest.param("HEAD", "/api/jobs/1/state", id="method-of-other-rule"),
+    ],
+)
+def test_what_does_not_match(method: str, raw: str) -> None:
+    assert MATCHER.match(method, raw) is None
+
+
+def test_placeholder_in_the_middle() -> None:
+    hit = MATCHER.match("GET", "/api/jobs/j-7/state/")
+    assert hit is not None and (hit[0].name, hit[1]) == ("jobs", "j-7")
+
+
+def test_first_rule_in_order_wins() -> None:
+    matcher = Matcher(ruleset(rule_toml(name="first"), rule_toml(name="second")).rules)
+    hit = matcher.match("GET", "/test/status/x")
+    assert hit is not None and hit[0].name == "first"
+
+
+def test_normalize_returns_segments() -> None:
+    assert normalize("/a//b/./c/../d/?q") == ["a", "b", "d"]
+    assert normalize("/") == []
+
+
+def test_template_parts() -> None:
+    t = parse_template("/api/{task_id}/state")
+    assert (t.before, t.after, t.length) == (("api",), ("state",), 3)

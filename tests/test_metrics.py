@@ -1,0 +1,99 @@
+"""The exposition on the admin port: every series from the start, the story told exactly."""
+
+from __future__ import annotations
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import StartPollguard
+from tests.support import Upstream, rule_toml, ruleset
+
+OUTCOMES = ("forwarded", "blocked", "probe", "would_block", "upstream_error")
+
+
+async def scrape(
+    http: aiohttp.ClientSession, url: str
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with http.get(url) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await resp.text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+async def test_every_series_exists_from_the_start_at_zero(
+    start_pollguard: StartPollguard, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard(ruleset(rule_toml(), rule_toml(name="jobs", path="/j/{task_id}")))
+    samples = await scrape(http, pg.admin("/metrics"))
+    for rule in ("none", "task-status", "jobs"):
+        for outcome in OUTCOMES:
+            assert value(samples, "pollguard_requests_total", rule=rule, outcome=outcome) == 0
+        assert value(samples, "pollguard_upstream_misses_total", rule=rule) == 0
+        assert value(samples, "pollguard_keys_blocked_total", rule=rule) == 0
+        assert value(samples, "pollguard_blocked_keys", rule=rule) == 0
+        assert value(samples, "pollguard_upstream_duration_seconds_count", rule=rule) == 0
+    assert value(samples, "pollguard_tracked_keys") == 0
+    assert value(samples, "pollguard_state_errors_total") == 0
+    for result in ("ok", "error"):
+        assert value(samples, "pollguard_rules_reloads_total", result=result) == 0
+
+
+async def test_metrics_tell_the_story_of_a_lost_task_exactly(
+    start_pollguard: StartPollguard, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    upstream.statuses["alive"] = 200
+    pg = await start_pollguard()
+    for _ in range(8):
+        await (await http.get(pg.url("/test/status/3e82324d-ca93-4a23-8405-2ddac30ef43a"))).read()
+    for _ in range(3):
+        await (await http.get(pg.url("/test/status/alive"))).read()
+    await (await http.get(pg.url("/echo"))).read()
+
+    samples = await scrape(http, pg.admin("/metrics"))
+    rule = "task-status"
+    assert value(samples, "pollguard_requests_total", rule=rule, outcome="forwarded") == 5 + 3
+    assert value(samples, "pollguard_requests_total", rule=rule, outcome="blocked") == 3
+    assert value(samples, "pollguard_requests_total", rule="none", outcome="forwarded") == 1
+    assert value(samples, "pollguard_upstream_misses_total", rule=rule) == 5
+    assert value(samples, "pollguard_keys_blocked_total", rule=rule) == 1
+    assert value(samples, "pollguard_blocked_keys", rule=rule) == 1
+    assert value(samples, "pollguard_tracked_keys") == 1
+    assert value(samples, "pollguard_upstream_duration_seconds_count", rule=rule) == 8
+    async with http.get(pg.admin("/metrics")) as resp:
+        text = await resp.text()
+    assert "3e82324d" not in text and "alive" not in text
+
+
+async def test_upstream_errors_are_counted_as_such(
+    start_pollguard: StartPollguard, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard(upstream_url="http://127.0.0.1:9")
+    for path in ("/test/status/x", "/elsewhere"):
+        async with http.get(pg.url(path)) as resp:
+            assert resp.status == 502
+            assert (await resp.json())["error"] == "upstream unreachable"
+    samples = await scrape(http, pg.admin("/metrics"))
+    for rule in ("task-status", "none"):
+        assert value(samples, "pollguard_requests_total", rule=rule, outcome="upstream_error") == 1
+        assert value(samples, "pollguard_requests_total", rule=rule, outcome="forwarded") == 0
+    assert value(samples, "pollguard_upstream_misses_total", rule="task-status") == 0
+
+
+async def test_health_and_readiness(
+    start_pollguard: StartPollguard, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard()
+    async with http.get(pg.admin("/healthz")) as resp:
+        assert resp.status == 200
+    async with http.get(pg.admin("/readyz")) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["checks"] == {"rules": "1 loaded", "state": "ok"}

@@ -1,0 +1,229 @@
+"""Rule files: defaults, every refusal with its message, folders, the shipped rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from proxy.errors import RulesError
+from proxy.rules import DEFAULT_BODY, load_rules, parse_rules
+from tests.support import rule_toml
+
+REPO = Path(__file__).resolve().parent.parent
+WHERE = 'r.toml: rule "task-status"'
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(RulesError) as info:
+        parse_rules([("r.toml", text)])
+    return info.value.errors
+
+
+def test_defaults_for_every_key() -> None:
+    rules = parse_rules([("r.toml", '[[rule]]\nname = "s"\npath = "/s/{task_id}"\n')])
+    rule = rules.rules[0]
+    assert rule.methods == {"GET", "HEAD"}
+    assert rule.miss_statuses == {404}
+    assert rule.threshold == 5
+    assert rule.threshold_after_2xx == 5
+    assert rule.grace == 0
+    assert rule.window == 600
+    assert rule.block_for == 3600
+    assert rule.probe_every == 300
+    assert rule.mode == "enforce"
+    assert rule.response.status == 410
+    assert rule.response.content_type == "application/json"
+    assert rule.response.body == DEFAULT_BODY
+    assert rule.response.headers == (("Cache-Control", "no-store"),)
+    assert rule.source == "r.toml"
+
+
+def test_threshold_after_2xx_defaults_to_threshold() -> None:
+    rule = parse_rules([("r.toml", rule_toml(threshold=7))]).rules[0]
+    assert rule.threshold_after_2xx == 7
+
+
+def test_every_key_is_read() -> None:
+    text = rule_toml(
+        methods=["get", "POST"], miss_statuses=[404, 410], threshold=3,
+        threshold_after_2xx=2, grace="45s", window="2m", block_for="1d",
+        probe_every="off", mode="observe",
+        response={"status": 404, "content_type": "text/plain", "body": "gone {task_id}",
+                  "headers": {"Retry-After": "3600"}},
+    )  # fmt: skip
+    rule = parse_rules([("r.toml", text)]).rules[0]
+    assert rule.methods == {"GET", "POST"}
+    assert rule.miss_statuses == {404, 410}
+    assert (rule.threshold, rule.threshold_after_2xx) == (3, 2)
+    assert (rule.grace, rule.window, rule.block_for) == (45, 120, 86400)
+    assert rule.probe_every is None
+    assert rule.mode == "observe"
+    assert rule.response.render("a/b") == b"gone a/b"
+    assert rule.response.headers == (("Retry-After", "3600"),)
+
+
+def test_body_fills_the_task_id_json_escaped() -> None:
+    rule = parse_rules([("r.toml", rule_toml())]).rules[0]
+    body = rule.response.render('x"\\\n\u2603')
+    assert json.loads(body)["task_id"] == 'x"\\\n\u2603'
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        pytest.param(
+            {"threshold": 0},
+            f"{WHERE}: threshold: must be an integer >= 1, got 0",
+            id="threshold-zero",
+        ),
+        pytest.param(
+            {"threshold": True},
+            f"{WHERE}: threshold: must be an integer >= 1, got True",
+            id="threshold-bool",
+        ),
+        pytest.param(
+            {"treshold": 3},
+            f"{WHERE}: unknown key 'treshold' (did you mean 'threshold'?)",
+            id="typo",
+        ),
+        pytest.param(
+            {"window": "10 minutes"},
+            f"{WHERE}: window: must be a duration like 250ms, 30s, 10m, 1h or 1d, got '10 minutes'",
+            id="bad-duration",
+        ),
+        pytest.param(
+            {"window": 600},
+            f"{WHERE}: window: must be a duration like 250ms, 30s, 10m, 1h or 1d (a string), got 600",
+            id="duration-not-string",
+        ),
+        pytest.param(
+            {"block_for": "0s"},
+            f"{WHERE}: block_for: must be longer than 0, got '0s'",
+            id="zero-block",
+        ),
+        pytest.param(
+            {"probe_every": "never"},
+            f"{WHERE}: probe_every: must be a duration like 250ms, 30s, 10m, 1h or 1d or \"off\", got 'never'",
+            id="probe-never",
+        ),
+        pytest.param(
+            {"mode": "block"},
+            f'{WHERE}: mode: must be "enforce" or "observe", got \'block\'',
+            id="mode",
+        ),
+        pytest.param(
+            {"methods": []},
+            f'{WHERE}: methods: must be a non-empty list of methods like ["GET"], got []',
+            id="methods-empty",
+        ),
+        pytest.param(
+            {"miss_statuses": [200]},
+            f"{WHERE}: miss_statuses: must be a non-empty list of statuses from 300 to 599, got [200]",
+            id="miss-2xx",
+        ),
+        pytest.param(
+            {"path": "/test/status/{id}"},
+            f"{WHERE}: path: must contain {{task_id}} exactly once, as a whole segment, got '/test/status/{{id}}'",
+            id="path-no-placeholder",
+        ),
+        pytest.param(
+            {"path": "/a/{task_id}/{task_id}"},
+            f"{WHERE}: path: must contain {{task_id}} exactly once, as a whole segment, got '/a/{{task_id}}/{{task_id}}'",
+            id="path-two-placeholders",
+        ),
+        pytest.param(
+            {"path": "/a/t-{task_id}"},
+            f"{WHERE}: path: must contain {{task_id}} exactly once, as a whole segment, got '/a/t-{{task_id}}'",
+            id="path-partial-segment",
+        ),
+        pytest.param(
+            {"path": "test/{task_id}"},
+            f"{WHERE}: path: must start with '/', got 'test/{{task_id}}'",
+            id="path-relative",
+        ),
+        pytest.param(
+            {"response": {"status": 204}},
+            f"{WHERE}: response.status: must be a status from 200 to 599 that carries a body, got 204",
+            id="response-204",
+        ),
+        pytest.param(
+            {"response": {"headers": {"Content-Length": "3"}}},
+            f"{WHERE}: response.headers: 'Content-Length' is set by pollguard (use response.content_type for the type)",
+            id="response-framing-header",
+        ),
+        pytest.param(
+            {"response": {"headers": {"X-A": "a\r\nb"}}},
+            f"{WHERE}: response.headers: X-A: must be a string without line breaks, got 'a\\r\\nb'",
+            id="response-header-injection",
+        ),
+        pytest.param(
+            {"response": {"stauts": 410}},
+            f"{WHERE}: unknown key 'response.stauts' (did you mean 'status'?)",
+            id="response-typo",
+        ),
+    ],
+)
+def test_refusals_name_file_rule_and_key(keys: dict[str, object], message: str) -> None:
+    assert errors_of(rule_toml(**keys)) == [message]  # type: ignore[arg-type]
+
+
+def test_reserved_and_invalid_names() -> None:
+    assert errors_of(rule_toml(name="none")) == [
+        'r.toml: rule "none": name: "none" is reserved (it labels traffic that matches no rule)'
+    ]
+    assert errors_of(rule_toml(name="a b")) == [
+        "r.toml: rule \"a b\": name: must be 1-63 letters, digits, '_', '.' or '-', got 'a b'"
+    ]
+    assert errors_of('[[rule]]\npath = "/a/{task_id}"\n') == [
+        "r.toml: rule #1: name: missing (every rule needs a unique name)"
+    ]
+
+
+def test_every_error_is_reported_not_just_the_first() -> None:
+    found = errors_of(rule_toml(threshold=0, window="x", mode="m"))
+    assert len(found) == 3
+
+
+def test_invalid_toml_names_the_file_and_line() -> None:
+    (message,) = errors_of("[[rule]\nname = 1")
+    assert message.startswith("r.toml: invalid TOML: ")
+    assert "line 1" in message
+
+
+def test_names_are_unique_across_files() -> None:
+    with pytest.raises(RulesError) as info:
+        parse_rules([("a.toml", rule_toml()), ("b.toml", rule_toml())])
+    assert info.value.errors == ['b.toml: rule "task-status": name: already used in a.toml']
+
+
+def test_a_folder_is_read_in_name_order(tmp_path: Path) -> None:
+    (tmp_path / "20-b.toml").write_text(rule_toml(name="b", path="/b/{task_id}"))
+    (tmp_path / "10-a.toml").write_text(rule_toml(name="a", path="/a/{task_id}"))
+    (tmp_path / "notes.txt").write_text("not a rule file")
+    assert load_rules(tmp_path).names == ("a", "b")
+
+
+def test_missing_and_empty_places_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(RulesError, match="no such file or folder"):
+        load_rules(tmp_path / "nope")
+    with pytest.raises(RulesError, match=r"no \*\.toml rule files"):
+        load_rules(tmp_path)
+    (tmp_path / "empty.toml").write_text("# nothing yet\n")
+    with pytest.raises(RulesError, match=r"no \[\[rule\]\] defined"):
+        load_rules(tmp_path)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "rules").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_rule_file_loads(path: Path) -> None:
+    assert len(load_rules(path)) >= 1
+
+
+def test_the_shipped_folder_guards_the_seed_route() -> None:
+    rules = load_rules(REPO / "rules")
+    rule = rules.get("task-status")
+    assert rule is not None
+    assert rule.path == "/test/status/{task_id}"
+    assert rule.threshold == 5
+    assert rule.response.status == 410
