@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,13 +87,6 @@ async def live_exposition(http: aiohttp.ClientSession, admin_url: str) -> Exposi
     async with http.get(admin_url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
         assert resp.status == 200
         return Exposition(await resp.text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def serve_values(env: dict[str, str], argv: list[str]) -> dict[str, str | None]:

@@ -36,7 +36,7 @@ from tests.deploy_support import (
     read_unit,
     serve_values,
 )
-from tests.support import require_tool
+from tests.support import cli_env, require_tool
 
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -54,7 +54,7 @@ def check_rules(rules: Path | None = None, **env: str) -> subprocess.CompletedPr
         text=True,
         timeout=COMMAND_TIMEOUT,
         cwd=REPO,
-        env={**os.environ, **env},
+        env=cli_env(**env),
         check=False,
     )
 

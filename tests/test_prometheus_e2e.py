@@ -29,16 +29,16 @@ from tests.deploy_support import (
     SCRAPE_CONFIG,
     alert_rules,
     dashboard_exprs,
-    free_port,
     load_yaml,
 )
-from tests.support import require_tool
+from tests.support import free_port, require_tool
 
 pytestmark = pytest.mark.slow
 
 START_TIMEOUT = 30.0  # a process listening and ready
 SCRAPE_TIMEOUT = 30.0  # a value showing up in Prometheus
 STOP_TIMEOUT = 10.0
+PORT_ATTEMPTS = 3
 POLL = 0.25
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=5)
 # How a dashboard's Grafana variables are filled in to run its queries here.
@@ -75,13 +75,23 @@ class Process:
         self._log.close()
 
 
+class ProcessExited(Exception):
+    """The process ended before it answered; PortTaken when its port was taken meanwhile."""
+
+
+class PortTaken(ProcessExited):
+    pass
+
+
 async def wait_until_answering(
     session: aiohttp.ClientSession, process: Process, url: str, status: int
 ) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.proc.poll() is not None:
-            pytest.fail(f"{url}: the process exited ({process.proc.returncode}):\n{process.log()}")
+            log = process.log()
+            error = PortTaken if "address already in use" in log else ProcessExited
+            raise error(f"{url}: the process exited ({process.proc.returncode}):\n{log}")
         try:
             async with session.get(url) as resp:
                 if resp.status == status:
@@ -152,21 +162,29 @@ async def prometheus(
         config_file = tmp_path / "prometheus.yml"
         config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
 
-        port = free_port()
-        process = Process(
-            [
-                binary,
-                f"--config.file={config_file}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            tmp_path / "prometheus.log",
-        )
-        started.append(process)
-        url = f"http://127.0.0.1:{port}"
-        await wait_until_answering(session, process, url + "/-/ready", 200)
-        return Prometheus(session, url)
+        # free_port() only finds a port free a moment ago: another test may take it first
+        for attempt in range(PORT_ATTEMPTS):
+            port = free_port()
+            process = Process(
+                [
+                    binary,
+                    f"--config.file={config_file}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--log.level=warn",
+                ],
+                tmp_path / f"prometheus-{attempt}.log",
+            )
+            started.append(process)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                await wait_until_answering(session, process, url + "/-/ready", 200)
+            except PortTaken:
+                continue
+            except ProcessExited as exc:
+                pytest.fail(str(exc))
+            return Prometheus(session, url)
+        pytest.fail(f"prometheus: no free port in {PORT_ATTEMPTS} attempts")
 
     yield start
     for process in started:
@@ -186,7 +204,10 @@ class SampleBackend:
     async def start(self) -> None:
         argv = [sys.executable, str(SAMPLE_BACKEND), "--host", "127.0.0.1", "--port"]
         self.process = Process([*argv, str(self.port)], self.log_path)
-        await wait_until_answering(self.session, self.process, self.url + "/test/status/x", 404)
+        try:
+            await wait_until_answering(self.session, self.process, self.url + "/test/status/x", 404)
+        except ProcessExited as exc:
+            pytest.fail(str(exc))
 
     async def restart(self) -> None:
         self.stop()
