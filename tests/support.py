@@ -11,7 +11,7 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from aiohttp import WSMsgType, web
@@ -174,14 +174,18 @@ class Upstream:
         return ws
 
 
+def skip_unless_ci(message: str) -> NoReturn:
+    """Skip locally, but fail under CI=true: there a missing tool is a broken setup."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_tool(name: str, package: str) -> str:
     """The tool's path; skips with the package to install, except under CI=true (fails)."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not found: apt-get install -y {package}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_unless_ci(f"{name} not found: apt-get install -y {package}")
     return path
 
 
