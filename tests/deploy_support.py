@@ -30,16 +30,13 @@ SAMPLE_BACKEND = DEPLOY / "sample_backend.py"
 
 SERVE_FLAGS = {"--" + key.replace("_", "-"): key for key in SERVE_OPTIONS}
 ENV_VARS = {env: key for key, (env, _default, _help) in SERVE_OPTIONS.items()}
-# In the SPEC's admin table and referenced by the deploy files, but served only once
-# issue 3 ("reload") is merged; drop this set then.
-PENDING_ADMIN_PATHS = frozenset({"/admin/reload"})
 
 
 def admin_paths() -> set[str]:
-    """The paths pollguard's admin port really routes (plus the pending ones)."""
+    """The paths pollguard's admin port really routes."""
     pg = Pollguard(Settings(upstream=URL("http://127.0.0.1:9")), ruleset())
     app = create_admin_app(pg)
-    return {r.canonical for r in app.router.resources()} | PENDING_ADMIN_PATHS
+    return {r.canonical for r in app.router.resources()}
 
 
 def load_yaml(path: Path) -> Any:

@@ -79,6 +79,20 @@ def test_every_env_var_and_flag_in_deploy_exists() -> None:
     assert flags - set(SERVE_FLAGS) - {"--help"} == set()
 
 
+def test_every_admin_path_in_deploy_is_routed() -> None:
+    """Probes, webhooks, runbooks and docs name only paths the admin port serves."""
+    routes = [r for r in admin_paths() if r != "/admin/{tail}"]  # the catch-all answers 404
+    patterns = [re.compile(re.sub(r"\\{\w+\\}", "[^/]+", re.escape(r))) for r in routes]
+    named: set[str] = set()
+    for path in DEPLOY.rglob("*"):
+        if path.is_file():
+            text = re.sub(r"\{\{[^}]*\}\}", "X", path.read_text(encoding="utf-8"))
+            named |= set(re.findall(r"/(?:admin/[\w/.-]*\w|healthz|readyz|metrics)\b", text))
+
+    assert {"/healthz", "/readyz", "/metrics", "/admin/reload", "/admin/blocks"} <= named
+    assert {p for p in named if not any(pat.fullmatch(p) for pat in patterns)} == set()
+
+
 # --- Dockerfile -------------------------------------------------------------------
 
 
