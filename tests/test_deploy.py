@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from yarl import URL
 
 from proxy.settings import Settings, build_settings
@@ -36,7 +37,7 @@ from tests.deploy_support import (
     read_unit,
     serve_values,
 )
-from tests.support import cli_env, require_tool
+from tests.support import ServeProcess, cli_env, require_tool
 
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -390,6 +391,68 @@ def test_unit_reload_check_reads_the_rules_from_the_environment(tmp_path: Path) 
     refused = check_rules(POLLGUARD_RULES=str(tmp_path))
     assert refused.returncode == 1
     assert "bad.toml" in refused.stderr
+
+
+async def run_exec_reload(pid: int, env: dict[str, str]) -> list[int]:
+    """The unit's ExecReload= lines in order, as systemd runs them: stop at the first failure."""
+    codes = []
+    for line in unit()["Service"]["ExecReload"]:
+        line = line.replace("/opt/pollguard/bin/pollguard", f"{sys.executable} -m proxy")
+        argv = line.replace("$MAINPID", str(pid)).split()
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        codes.append(await asyncio.wait_for(proc.wait(), COMMAND_TIMEOUT))
+        if codes[-1] != 0:
+            break
+    return codes
+
+
+async def test_unit_reload_applies_good_rules_and_never_signals_bad_ones(tmp_path: Path) -> None:
+    """`systemctl reload` without systemd: the unit's own commands against a real process."""
+    require_tool("kill", "procps")
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "status.toml").write_text(
+        (REPO / "rules" / "status.toml").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    env = cli_env(**(unit_env() | {"POLLGUARD_RULES": str(rules), "POLLGUARD_ACCESS_LOG": "off"}))
+    server = await ServeProcess(logs=str(tmp_path), env=env).start()
+    assert server.proc is not None
+
+    async def metrics() -> str:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+            http.get(server.admin_base + "/metrics") as resp,
+        ):
+            return await resp.text()
+
+    try:
+        text = (rules / "status.toml").read_text(encoding="utf-8")
+        (rules / "status.toml").write_text(text.replace("threshold = 5", "threshold = 3"), "utf-8")
+        assert await run_exec_reload(server.proc.pid, env) == [0, 0]
+        assert await wait_for_log(server, '"rules_reloaded"')
+        assert 'pollguard_rules_reloads_total{result="ok"} 1.0' in await metrics()
+
+        (rules / "status.toml").write_text(text.replace("threshold = 5", "threshold = 0"), "utf-8")
+        assert await run_exec_reload(server.proc.pid, env) == [1]  # check refused: no SIGHUP
+        assert server.proc.returncode is None
+        assert '"rules_reload_failed"' not in server.stderr()
+        after = await metrics()
+        assert 'pollguard_rules_reloads_total{result="error"} 0.0' in after
+        assert "pollguard_rules_last_reload_successful 1.0" in after
+    finally:
+        exit_code = await server.stop()
+    assert exit_code == 0
+
+
+async def wait_for_log(server: ServeProcess, marker: str) -> bool:
+    deadline = asyncio.get_running_loop().time() + COMMAND_TIMEOUT
+    while asyncio.get_running_loop().time() < deadline:
+        if marker in server.stderr():
+            return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 def test_unit_is_sandboxed() -> None:
