@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from proxy.errors import ConfigError, RulesError, StateError
 from proxy.forward import Forwarder
 from proxy.guard import Action
-from proxy.logs import DECISION, LineSink, access_logger, open_sink
+from proxy.logs import DECISION, LineSink, access_logger, open_sink, server_logger
 from proxy.matching import Matcher
 from proxy.metrics import NO_RULE, Metrics
 from proxy.rules import Rule, RuleSet, load_rules
@@ -230,6 +230,7 @@ class Pollguard:
             access_log_class=access_logger(self._sink),
             access_log=logging.getLogger("pollguard.access") if self._sink else None,
             auto_decompress=False,  # bodies pass byte for byte
+            logger=server_logger(),
         )
         proxy_runner = web.ServerRunner(server, shutdown_timeout=self.settings.drain_timeout)
         admin_runner = web.AppRunner(create_admin_app(self), access_log=None, shutdown_timeout=1.0)
@@ -245,7 +246,10 @@ class Pollguard:
     async def _bind(self, runner: web.BaseRunner, address: Address, flag: str) -> Address:
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, address.host, address.port, reuse_port=self.reuse_port or None)
+        # nginx's listen backlog: aiohttp's 128 makes a burst of new clients wait on SYN retries
+        site = web.TCPSite(
+            runner, address.host, address.port, backlog=511, reuse_port=self.reuse_port or None
+        )
         try:
             await site.start()
         except OSError as exc:

@@ -12,7 +12,7 @@ from yarl import URL
 
 from proxy.settings import Address
 from tests.conftest import Running, StartPollguard
-from tests.support import Upstream, rule_toml, ruleset
+from tests.support import Upstream, rule_toml, ruleset, skip_unless_ci
 
 TOKEN = "s3cret-token"
 BLOCKING = ruleset(
@@ -243,7 +243,7 @@ async def test_without_a_token_admin_answers_only_loopback_peers(
 ) -> None:
     host = non_loopback_address(family)
     if host is None:
-        pytest.skip(f"this machine has no non-loopback {family.name} address to connect from")
+        skip_unless_ci(f"this machine has no non-loopback {family.name} address to connect from")
     # Bound on that address and reached through it, the peer is that address: a real
     # non-loopback client, without leaving the machine.
     pg = await start_pollguard(admin_listen=Address(host, 0))
@@ -274,7 +274,7 @@ async def test_ipv6_loopback_is_loopback(
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
             s.bind(("::1", 0))
     except OSError:
-        pytest.skip("no IPv6 loopback on this machine")
+        skip_unless_ci("no IPv6 loopback on this machine")
     pg = await start_pollguard(admin_listen=Address("::1", 0))
     status, body, _ = await call(http, "GET", admin_url(pg, "/admin/blocks"))
     assert (status, body) == (200, {"blocks": []})
