@@ -156,7 +156,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
             assert resp.status == 200
             assert await resp.json() == {"slow": True}
             resp.release()
-        assert await proc.stop() == 0
+        assert await proc.stop(signal_sent=True) == 0
     finally:
         await proc.kill()
     events = [json.loads(line) for line in proc.stderr().splitlines()]
