@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from proxy.rules import Rule, RuleSet
+from proxy.rules import Rule, RuleSet, load_rules
 from proxy.state import StateStore
 from proxy.state.memory import MemoryState
 from tests.conftest import Running, StartPollguard
-from tests.support import FakeClock, Upstream, rule_toml, ruleset
+from tests.support import REPO, FakeClock, Upstream, rule_toml, ruleset
 
 MakeStore = Callable[[], StateStore]
 
+SHIPPED = load_rules(Path(REPO) / "rules")
 SEED_CADENCE = 3.0  # the seed's app polls every 3 s
 ISSUE_CADENCE = 0.1  # the issue's clients poll every 100 ms
 CADENCES = [
@@ -124,6 +126,26 @@ async def test_without_grace_the_same_threshold_condemns_the_slow_task(
     assert upstream.hits_for("slow") == 5
 
 
+@pytest.mark.parametrize("every", CADENCES)
+async def test_the_shipped_rules_let_a_task_take_its_whole_grace_to_register(
+    every: float,
+    start_pollguard: StartPollguard,
+    make_store: MakeStore,
+    upstream: Upstream,
+    poller: Callable[[Running, float], Poller],
+) -> None:
+    (rule,) = SHIPPED.rules
+    pg = await start_pollguard(SHIPPED, state=make_store())
+    client = poller(pg, every)
+    # Every poll sent before `grace` has passed since the first miss may miss.
+    registering = first_sight_misses(rule, every) - 1
+    assert registering >= 6
+
+    assert await client.polls("slow", registering) == [404] * registering
+    upstream.statuses["slow"] = 200
+    assert await client.polls("slow", 10) == [200] * 10
+
+
 async def test_grace_ends_at_the_first_miss_on_or_after_it(
     start_pollguard: StartPollguard,
     make_store: MakeStore,
@@ -160,6 +182,25 @@ async def test_a_task_seen_alive_then_gone_is_blocked_after_threshold_after_2xx_
     assert upstream.hits_for("restarted") == 4 + after_2xx
 
 
+async def test_the_shipped_rules_stop_a_vanished_task_after_threshold_after_2xx(
+    start_pollguard: StartPollguard,
+    make_store: MakeStore,
+    upstream: Upstream,
+    poller: Callable[[Running, float], Poller],
+) -> None:
+    (rule,) = SHIPPED.rules
+    assert rule.threshold_after_2xx < rule.threshold
+    assert rule.grace > 0
+    pg = await start_pollguard(SHIPPED, state=make_store())
+    client = poller(pg, SEED_CADENCE)
+    upstream.statuses["restarted"] = 200
+    await client.polls("restarted", 3)
+    upstream.statuses.pop("restarted")
+
+    n = rule.threshold_after_2xx
+    assert await client.polls("restarted", n + 2) == [404] * n + [410] * 2
+
+
 # Stray 404s from a live task ------------------------------------------------------------
 
 
@@ -178,6 +219,7 @@ async def alternate(client: Poller, upstream: Upstream, task_id: str, n: int) ->
     "rule_set",
     [
         pytest.param(rules(threshold=5, threshold_after_2xx=2, grace="0s"), id="after_2xx=2"),
+        pytest.param(SHIPPED, id="shipped"),
     ],
 )
 async def test_a_stray_single_404_between_200s_never_blocks(
