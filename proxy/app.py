@@ -11,13 +11,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
-from proxy.errors import ConfigError, StateError
+from proxy.errors import ConfigError, RulesError, StateError
 from proxy.forward import Forwarder
 from proxy.guard import Action
-from proxy.logs import DECISION, LineSink, access_logger, open_sink
+from proxy.logs import DECISION, LineSink, access_logger, open_sink, server_logger
 from proxy.matching import Matcher
 from proxy.metrics import NO_RULE, Metrics
-from proxy.rules import Rule, RuleSet
+from proxy.rules import Rule, RuleSet, load_rules
 from proxy.settings import Address, Settings
 from proxy.state import Clock, StateStore
 from proxy.state.memory import MemoryState
@@ -46,6 +46,7 @@ class ProxyHandler:
         """Swap the rules in one assignment each: a request sees the old set or the new one."""
         self.metrics.use_rules(rules.names)
         self._blocked_headers = {r.name: _blocked_headers(r) for r in rules.rules}
+        self._by_name = {r.name: r for r in rules.rules}
         self._matcher = Matcher(rules.rules)
         self.rules = rules
 
@@ -64,10 +65,13 @@ class ProxyHandler:
         if action is Action.BLOCK and rule.mode == "enforce":
             metrics.outcomes["blocked"].inc()
             request[DECISION] = (rule.name, task_id, "blocked", None)
+            headers = self._blocked_headers.get(rule.name)
+            if headers is None:  # a reload removed the rule while the store answered
+                headers = _blocked_headers(rule)
             return web.Response(
                 status=rule.response.status,
                 body=rule.response.render(task_id),
-                headers=self._blocked_headers[rule.name],
+                headers=headers,
             )
 
         fwd = await self.forwarder.forward(request)
@@ -96,6 +100,12 @@ class ProxyHandler:
         return fwd.response
 
     async def _record(self, rule: Rule, task_id: str, status: int) -> None:
+        # A reload while the request was upstream: the rules in force now decide, and a
+        # removed rule leaves no key behind (retain() has already dropped its others).
+        current = self._by_name.get(rule.name)
+        if current is None:
+            return
+        rule = current
         try:
             out = await self.state.record(rule, task_id, status)
         except StateError:
@@ -160,6 +170,8 @@ class Pollguard:
         )
         self.reuse_port = reuse_port
         self.started_at = clock()
+        self.metrics.rules_in_force(len(rules), self.started_at)
+        self._reload_lock = asyncio.Lock()
         self._sink: LineSink | None = None
         self._runners: list[web.BaseRunner] = []
         self.proxy_address: Address | None = None
@@ -168,6 +180,39 @@ class Pollguard:
     @property
     def rules(self) -> RuleSet:
         return self.handler.rules
+
+    async def reload(self, trigger: str = "api") -> RuleSet:
+        """Read settings.rules again and swap the new set in whole.
+
+        RulesError (every problem, logged and counted) leaves the old rules in force.
+        Keys of a kept rule keep their state; a removed or renamed rule's keys are dropped.
+        """
+        async with self._reload_lock:  # two reloads at once could swap in the older set last
+            try:
+                rules = await asyncio.to_thread(load_rules, self.settings.rules)
+            except RulesError as exc:
+                self.metrics.rules_reloads.labels("error").inc()
+                self.metrics.rules_last_reload_successful.set(0)
+                failed = {"event": "rules_reload_failed", "trigger": trigger,
+                          "path": str(self.settings.rules), "errors": exc.errors}  # fmt: skip
+                log.error("rules reload failed; the old rules stay in force", extra=failed)
+                raise
+            old = self.rules
+            self.handler.use_rules(rules)
+            try:
+                await self.state.retain(rules.rules)
+            except StateError as exc:
+                self.metrics.state_errors.inc()
+                log.warning(
+                    "rules reloaded, but the state store could not drop removed rules' keys; "
+                    "they expire on their own",
+                    extra={"event": "state_error", "error": str(exc)},
+                )
+            self.metrics.rules_reloads.labels("ok").inc()
+            self.metrics.rules_in_force(len(rules), self.clock())
+            done = {"event": "rules_reloaded", "trigger": trigger, **_changes(old, rules)}
+            log.info("rules reloaded", extra=done)
+            return rules
 
     async def start(self) -> None:
         """Open the upstream pool and both ports; ConfigError if a port cannot be bound."""
@@ -183,6 +228,7 @@ class Pollguard:
             access_log_class=access_logger(self._sink),
             access_log=logging.getLogger("pollguard.access") if self._sink else None,
             auto_decompress=False,  # bodies pass byte for byte
+            logger=server_logger(),
         )
         proxy_runner = web.ServerRunner(server, shutdown_timeout=self.settings.drain_timeout)
         admin_runner = web.AppRunner(create_admin_app(self), access_log=None, shutdown_timeout=1.0)
@@ -198,7 +244,10 @@ class Pollguard:
     async def _bind(self, runner: web.BaseRunner, address: Address, flag: str) -> Address:
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, address.host, address.port, reuse_port=self.reuse_port or None)
+        # nginx's listen backlog: aiohttp's 128 makes a burst of new clients wait on SYN retries
+        site = web.TCPSite(
+            runner, address.host, address.port, backlog=511, reuse_port=self.reuse_port or None
+        )
         try:
             await site.start()
         except OSError as exc:
@@ -239,6 +288,15 @@ class Pollguard:
             "rules": list(self.rules.names),
             "state": self.settings.state,
         }
+
+
+def _changes(old: RuleSet, new: RuleSet) -> dict[str, list[str]]:
+    return {
+        "rules": list(new.names),
+        "added": [n for n in new.names if old.get(n) is None],
+        "removed": [n for n in old.names if new.get(n) is None],
+        "changed": [r.name for r in new.rules if old.get(r.name) not in (None, r)],
+    }
 
 
 def check_c_parser() -> None:

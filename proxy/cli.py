@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -117,7 +118,20 @@ async def _serve(pg: Any) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()  # a running task needs a reference kept
+
+    def reload() -> None:
+        task = loop.create_task(_reload(pg))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await pg.serve_forever(stop)
+
+
+async def _reload(pg: Any) -> None:
+    with contextlib.suppress(RulesError):  # logged and counted by reload(); old rules stay
+        await pg.reload(trigger="SIGHUP")
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,12 +22,18 @@ from yarl import URL
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "te", "transfer-encoding", "upgrade", "proxy-connection"}
 )
+# pollguard answers a client's `Expect: 100-continue` itself when it starts reading the body
+# (nginx does the same): an upstream that ignores the expectation could never deadlock us.
+_HOP_BY_HOP_REQUEST = HOP_BY_HOP | {"expect"}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 VIA = "pollguard"
 # Bodies up to this size are read whole and sent in one write (nginx's proxy_buffering
 # does the same); longer or unsized ones stream chunk by chunk.
 BUFFER_LIMIT = 64 * 1024
 # Headers aiohttp's client would add on its own; a proxy must not invent them.
-_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+_NO_AUTO_HEADERS: CIMultiDict[None] = CIMultiDict(
+    (name, None) for name in ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+)
 _WS_HANDSHAKE = (
     "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol",
     "Sec-WebSocket-Extensions", "Sec-WebSocket-Accept",
@@ -41,6 +47,17 @@ class Forwarded:
     response: web.StreamResponse
     status: int | None  # the upstream's status; None when pollguard answered (502, 504, 413, 408)
     upstream_seconds: float | None  # until the upstream's response headers
+
+
+class _ProxyRequest(aiohttp.ClientRequest):
+    """aiohttp's client request without the headers it adds on its own.
+
+    `skip_auto_headers=` would do the same, at the price of building and copying a
+    header set for every request (3% of pass-through CPU in py-spy).
+    """
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = _NO_AUTO_HEADERS  # also keeps payloads from adding Content-Type
 
 
 class _ClientFault(Exception):
@@ -75,7 +92,9 @@ class Forwarder:
         client_timeout: float = 15.0,
         max_body_size: int = 100 * 1024 * 1024,
     ) -> None:
-        self._origin = str(upstream).rstrip("/")
+        self._scheme = upstream.scheme
+        self._authority = upstream.raw_authority
+        self._prefix = upstream.raw_path.rstrip("/")
         self._client_timeout = client_timeout
         self._max_body = max_body_size
         # sock_read bounds the wait for the response headers and every gap in the body,
@@ -95,7 +114,7 @@ class Forwarder:
             connector=connector,
             timeout=self._timeout,
             auto_decompress=False,
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            request_class=_ProxyRequest,
             cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
             trust_env=False,
             requote_redirect_url=False,
@@ -114,9 +133,15 @@ class Forwarder:
 
     async def forward(self, request: web.BaseRequest) -> Forwarded:
         raw = request.raw_path
-        if not raw.startswith("/"):  # absolute-form target (a client speaking to a proxy)
-            raw = request.url.raw_path_qs
-        url = URL(self._origin + raw, encoded=True)
+        if not raw.startswith("/"):
+            if request.method == "CONNECT":  # a reverse proxy opens no tunnels
+                return Forwarded(error_response(405, "CONNECT not allowed", close=True), None, None)
+            raw = request.url.raw_path_qs  # absolute-form: a client taking us for its proxy
+        # The whole target goes in as the path: parsing a URL string would drop an empty "?"
+        # (the target must pass byte for byte), and building is 3x cheaper than parsing.
+        url = URL.build(
+            scheme=self._scheme, authority=self._authority, path=self._prefix + raw, encoded=True
+        )
         headers = request_headers(request)
         if _is_websocket(request):
             return await self._websocket(request, url, headers)
@@ -137,18 +162,20 @@ class Forwarder:
                 elapsed = time.perf_counter() - started
                 return Forwarded(await self._respond(request, up), up.status, elapsed)
         except _ClientFault as exc:
-            return Forwarded(error_response(exc.status, str(exc), close=True), None, None)
+            return Forwarded(await _refuse(request, exc), None, None)
         except (TimeoutError, aiohttp.ServerTimeoutError):
             return Forwarded(error_response(504, "upstream timed out"), None, None)
         except aiohttp.ClientError as exc:
             fault = _fault_of(exc)
             if fault is not None:
-                return Forwarded(error_response(fault.status, str(fault), close=True), None, None)
+                return Forwarded(await _refuse(request, fault), None, None)
             return Forwarded(error_response(502, "upstream unreachable"), None, None)
 
     async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
         """The client's body as it arrives, cut off when too large or too slow."""
         content = request.content
+        if request.version >= aiohttp.HttpVersion11 and _expects_continue(request):
+            await request.writer.write(_CONTINUE)
         received = 0
         while True:
             try:
@@ -181,7 +208,9 @@ class Forwarder:
             return resp
         try:
             async for chunk in up.content.iter_any():
-                await resp.write(chunk)
+                # a client that stops reading must not hold the upstream connection forever
+                async with asyncio.timeout(self._client_timeout):
+                    await resp.write(chunk)
         except (aiohttp.ClientError, TimeoutError):
             # The status line is out: all that is left is to cut the client off, as nginx does,
             # so it sees a truncated body rather than a complete wrong one.
@@ -218,6 +247,7 @@ class Forwarder:
         elapsed = time.perf_counter() - started
         down = web.WebSocketResponse(
             protocols=(up.protocol,) if up.protocol else (),
+            timeout=self._client_timeout,  # for the client's answer to a close
             autoclose=False,
             autoping=False,
             max_msg_size=0,
@@ -231,13 +261,13 @@ class Forwarder:
 async def _pump_websockets(
     down: web.WebSocketResponse, up: aiohttp.ClientWebSocketResponse
 ) -> None:
-    """Copy frames both ways until either side closes; then close the other with its code."""
+    """Copy frames both ways until either side closes; then close both with its code."""
 
     async def copy(
         src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
         dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
     ) -> None:
-        async for msg in src:
+        async for msg in src:  # ends on a close from src, or on its connection's loss
             if msg.type is aiohttp.WSMsgType.TEXT:
                 await dst.send_str(msg.data)
             elif msg.type is aiohttp.WSMsgType.BINARY:
@@ -246,20 +276,42 @@ async def _pump_websockets(
                 await dst.ping(msg.data)
             elif msg.type is aiohttp.WSMsgType.PONG:
                 await dst.pong(msg.data)
-            elif msg.type is aiohttp.WSMsgType.CLOSE:
-                break
-        if not dst.closed:
-            await dst.close(code=src.close_code or aiohttp.WSCloseCode.OK)
 
-    tasks = [asyncio.ensure_future(copy(down, up)), asyncio.ensure_future(copy(up, down))]
+    from_down = asyncio.ensure_future(copy(down, up))
+    from_up = asyncio.ensure_future(copy(up, down))
     try:
-        _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait((from_down, from_up), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in tasks:
-            task.cancel()
+        from_down.cancel()
+        from_up.cancel()
+        await asyncio.gather(from_down, from_up, return_exceptions=True)
+    code = (down if from_down.done() and not from_down.cancelled() else up).close_code
+    if code is None or code == 1005:  # no status given
+        code = aiohttp.WSCloseCode.OK
+    elif code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE:  # lost connection: not for the wire
+        code = aiohttp.WSCloseCode.INTERNAL_ERROR
+    # The upstream first: once the client's side is closed, aiohttp cancels this handler.
+    if not up.closed:
+        await up.close(code=code)
+    if not down.closed:
+        await down.close(code=code)
+
+
+async def _refuse(request: web.BaseRequest, fault: _ClientFault) -> web.StreamResponse:
+    """pollguard's answer to a body that broke a limit; the connection closes after it."""
+    resp = error_response(fault.status, str(fault), close=True)
+    if fault.status == 408:
+        # aiohttp would linger to drain the rest of the body, for seconds, from a client
+        # already too slow: send the answer now and hang up.
+        await resp.prepare(request)
+        await resp.write_eof()
+        request.protocol.force_close()
+    return resp
+
+
+def _expects_continue(request: web.BaseRequest) -> bool:
+    expect = request.headers.get("Expect")
+    return expect is not None and expect.lower() == "100-continue"
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:
@@ -284,22 +336,27 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     return frozenset(tokens)
 
 
-def _end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def _end_to_end(
+    headers: CIMultiDictProxy[str], hop_by_hop: frozenset[str] = HOP_BY_HOP
+) -> CIMultiDict[str]:
     """Every field except hop-by-hop ones: the fixed list, Proxy-*, and those Connection names."""
-    named = _connection_tokens(headers) if "Connection" in headers else frozenset()
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named or lower.startswith("proxy-"):
-            continue
-        out.add(name, value)
+    out = CIMultiDict(headers)  # a C copy, then deletions: 3x cheaper than a filtering loop
+    if "Connection" in headers:
+        for name in _connection_tokens(headers):
+            out.popall(name, None)
+    for name in hop_by_hop:
+        if name in out:
+            del out[name]
+    if "proxy-" in " ".join(out).lower():  # rare: scan the names only when one may be there
+        for name in [k for k in out if k[:6].lower() == "proxy-"]:
+            out.popall(name, None)
     return out
 
 
 def request_headers(request: web.BaseRequest) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop ones, plus X-Forwarded-* and Via."""
     src = request.headers
-    out = _end_to_end(src)
+    out = _end_to_end(src, _HOP_BY_HOP_REQUEST)
     peer = request.remote or "unknown"
     prior = ", ".join(src.getall("X-Forwarded-For", ()))
     out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import BaseRequest, StreamResponse
 
 # What the proxy handler decided, left on the request for the access log:
@@ -145,6 +146,26 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
+
+
+class _NotClientFaults(logging.Filter):
+    """Drops aiohttp's ERROR-with-traceback for each malformed request.
+
+    The client's 400 is in the access log already; as an event it would let any hostile
+    client flood the event log with tracebacks. Errors of pollguard's own still pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+def server_logger() -> logging.Logger:
+    """The logger for aiohttp's server on the public port."""
+    logger = logging.getLogger("pollguard.server")
+    if not any(isinstance(f, _NotClientFaults) for f in logger.filters):
+        logger.addFilter(_NotClientFaults())
+    return logger
 
 
 def configure_event_log(level: int = logging.INFO) -> None:

@@ -82,6 +82,23 @@ class Metrics:
         )
         for result in RELOAD_RESULTS:
             self.rules_reloads.labels(result)
+        # The pair Prometheus itself exports for its config, so the same alerts carry over:
+        # `== 0` (the files on disk are not what runs) and `time() - ...` (stale rules).
+        self.rules_last_reload_successful = Gauge(
+            "pollguard_rules_last_reload_successful",
+            "1 if the last load of the rule files (start or reload) succeeded, else 0.",
+            registry=registry,
+        )
+        self.rules_last_reload_success = Gauge(
+            "pollguard_rules_last_reload_success_timestamp_seconds",
+            "When the rules in force were loaded (start or last successful reload), Unix time.",
+            registry=registry,
+        )
+        self.rules_loaded = Gauge(
+            "pollguard_rules_loaded",
+            "Rules in force.",
+            registry=registry,
+        )
         self._rules: dict[str, RuleMetrics] = {}
         self.use_rules([])
 
@@ -93,6 +110,12 @@ class Metrics:
             self.blocked_keys.labels(name)
         for gone in _children(self.blocked_keys) - set(wanted):
             self.blocked_keys.remove(gone)
+
+    def rules_in_force(self, count: int, now: float) -> None:
+        """A rule set was loaded (at start or by a reload) and is now in force."""
+        self.rules_loaded.set(count)
+        self.rules_last_reload_successful.set(1)
+        self.rules_last_reload_success.set(now)
 
     def rule(self, name: str) -> RuleMetrics:
         found = self._rules.get(name)

@@ -7,11 +7,12 @@ import gzip
 import hashlib
 import json
 import os
+import random
 import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from aiohttp import WSMsgType, web
@@ -79,6 +80,10 @@ class Upstream:
     raw_paths: list[str] = field(default_factory=list)
     requests: list[web.BaseRequest] = field(default_factory=list)
     delay: float = 0.0  # seconds before answering /test/status
+    gate: asyncio.Event = field(default_factory=asyncio.Event)  # /gated waits for it
+    received: int = 0  # bytes /upload/watched has read so far
+    ws_closes: list[int | None] = field(default_factory=list)  # close codes /ws/close saw
+    arrived: list[str] = field(default_factory=list)  # /watched*, /upload/watched: on arrival
 
     def make_app(self) -> web.Application:
         app = web.Application()
@@ -91,6 +96,12 @@ class Upstream:
         app.router.add_get("/redirect", self.redirect)
         app.router.add_get("/big", self.big)
         app.router.add_get("/ws", self.websocket)
+        app.router.add_post("/upload/watched", self.upload_watched)
+        app.router.add_get("/gated", self.gated)
+        app.router.add_route("*", "/bytes", self.pattern_bytes)
+        app.router.add_route("*", "/empty/{status}", self.empty)
+        app.router.add_get("/ws/close", self.websocket_close)
+        app.router.add_route("*", "/watched{tail:.*}", self.watched)
         app.on_response_prepare.append(self._remember)
         return app
 
@@ -173,15 +184,89 @@ class Upstream:
                 await ws.send_bytes(msg.data[::-1])
         return ws
 
+    async def watched(self, request: web.Request) -> web.Response:
+        """/echo that notes the request as soon as its head arrives, before any body."""
+        self.arrived.append(request.raw_path)
+        return await self.echo(request)
+
+    async def upload_watched(self, request: web.Request) -> web.Response:
+        """Like /upload, and `received` shows how far it got while the body is still coming."""
+        self.arrived.append(request.raw_path)
+        digest = hashlib.sha256()
+        chunks = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            self.received += len(chunk)
+            chunks += 1
+        return web.json_response(
+            {"size": self.received, "sha256": digest.hexdigest(), "chunks": chunks,
+             "te": request.headers.get("Transfer-Encoding"),
+             "length": request.headers.get("Content-Length")}
+        )  # fmt: skip
+
+    async def gated(self, request: web.Request) -> web.StreamResponse:
+        """One chunk, then the rest only once the test opens `gate` (or 5 s pass)."""
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"first\n")
+        async with asyncio.timeout(5):
+            await self.gate.wait()
+        await resp.write(b"last\n")
+        await resp.write_eof()
+        return resp
+
+    async def pattern_bytes(self, request: web.Request) -> web.StreamResponse:
+        """`size` bytes of `pattern(size)`; with `chunked=1` streamed without a length."""
+        body = pattern(int(request.query.get("size", "1000000")))
+        if request.query.get("chunked") != "1":
+            return web.Response(body=body, content_type="application/octet-stream")
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        if request.method != "HEAD":  # aiohttp would write a HEAD's chunks raw onto the wire
+            for part in chunks(body, 10_000):
+                await resp.write(part)
+        await resp.write_eof()
+        return resp
+
+    async def empty(self, request: web.Request) -> web.Response:
+        """A bodiless status (204, 304) with the headers a cache would look at."""
+        return web.Response(
+            status=int(request.match_info["status"]),
+            headers={"ETag": '"v1"', "X-Empty": "yes"},
+        )
+
+    async def websocket_close(self, request: web.Request) -> web.WebSocketResponse:
+        """Echoes; on "bye" closes with 4001; records the close code of every session."""
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT and msg.data == "bye":
+                await ws.close(code=4001, message=b"bye")
+            elif msg.type is WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+        self.ws_closes.append(ws.close_code)
+        return ws
+
+
+def pattern(size: int) -> bytes:
+    """Deterministic bytes without repeats, so a lost, doubled or swapped chunk shows."""
+    return random.Random(size).randbytes(size)
+
+
+def skip_unless_ci(message: str) -> NoReturn:
+    """Skip locally, but fail under CI=true: there a missing tool is a broken setup."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
 
 def require_tool(name: str, package: str) -> str:
     """The tool's path; skips with the package to install, except under CI=true (fails)."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not found: apt-get install -y {package}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_unless_ci(f"{name} not found: apt-get install -y {package}")
     return path
 
 

@@ -1,0 +1,941 @@
+"""Forwarding through the real HTTP stack: headers, raw paths, streaming, errors, hostile clients.
+
+Clients that must say exactly what they mean (hop-by-hop headers, odd paths, broken
+requests, slow bytes) talk raw HTTP over asyncio sockets; upstreams that must misbehave in
+ways aiohttp's server will not (hop-by-hop response headers, dying mid-body) are raw too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import random
+import socket
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Running, StartPollguard
+from tests.support import Upstream, pattern
+
+MiB = 1024 * 1024
+
+
+# --- raw HTTP on the client side ---------------------------------------------------------
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def get(self, name: str) -> str | None:
+        values = self.getall(name)
+        return values[0] if values else None
+
+    def getall(self, name: str) -> list[str]:
+        return [v for n, v in self.headers if n.lower() == name.lower()]
+
+
+async def read_response(reader: asyncio.StreamReader, *, head: bool = False) -> RawResponse:
+    """One HTTP/1.1 response off the wire, framed by its own headers; 1xx are skipped."""
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("connection closed before a response")
+        status = int(line.split(b" ", 2)[1])
+        headers: list[tuple[str, str]] = []
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers.append((name, value.strip()))
+        if status >= 200:
+            break
+    resp = RawResponse(status, headers, b"")
+    if head or status in (204, 304):
+        return resp
+    if "chunked" in (resp.get("Transfer-Encoding") or "").lower():
+        body = bytearray()
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        while await reader.readline() not in (b"\r\n", b""):
+            pass  # trailers
+        resp.body = bytes(body)
+    elif (length := resp.get("Content-Length")) is not None:
+        resp.body = await reader.readexactly(int(length))
+    else:
+        resp.body = await reader.read()
+    return resp
+
+
+class Conn:
+    """One raw client connection to pollguard's port."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self, *, head: bool = False, timeout: float = 5.0) -> RawResponse:
+        async with asyncio.timeout(timeout):
+            return await read_response(self.reader, head=head)
+
+    async def closed_within(self, seconds: float) -> bytes:
+        """Whatever arrives until pollguard closes the connection; fails if it stays open."""
+        data = b""
+        try:
+            async with asyncio.timeout(seconds):
+                while chunk := await self.reader.read(65536):
+                    data += chunk
+        except ConnectionResetError:
+            pass
+        return data
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[[Running], Awaitable[Conn]]]:
+    opened: list[asyncio.StreamWriter] = []
+
+    async def open_conn(pg: Running) -> Conn:
+        assert pg.pg.proxy_address is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", pg.pg.proxy_address.port)
+        opened.append(writer)
+        return Conn(reader, writer)
+
+    yield open_conn
+    for writer in opened:
+        writer.close()
+
+
+Connect = Callable[[Running], Awaitable[Conn]]
+
+
+async def exchange(connect: Connect, pg: Running, data: bytes) -> RawResponse:
+    conn = await connect(pg)
+    await conn.send(data)
+    return await conn.response()
+
+
+async def echo(connect: Connect, pg: Running, request: str) -> dict[str, Any]:
+    """Send a raw request to /echo... or /watched...; what the upstream saw."""
+    resp = await exchange(connect, pg, request.encode("latin-1"))
+    assert resp.status == 200, resp
+    seen: dict[str, Any] = json.loads(resp.body)
+    return seen
+
+
+def header_values(seen: dict[str, Any], name: str) -> list[str]:
+    return [v for n, v in seen["headers"] if n == name]
+
+
+def header_names(seen: dict[str, Any]) -> list[str]:
+    return sorted(n for n, _ in seen["headers"])
+
+
+async def assert_serves(http: aiohttp.ClientSession, pg: Running) -> None:
+    async with asyncio.timeout(2):
+        async with http.get(pg.url("/echo/still-serving")) as resp:
+            assert resp.status == 200
+            await resp.read()
+
+
+def metric(text: str, sample: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{sample} not exposed")
+
+
+# --- raw HTTP on the upstream side -------------------------------------------------------
+
+RawHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class RawUpstream:
+    """A TCP server that reads each request head and lets `handler` answer as it likes."""
+
+    handler: RawHandler
+    url: str = ""
+    heads: list[bytes] = field(default_factory=list)
+    server: asyncio.Server | None = None
+    connections: list[tuple[asyncio.Task[Any], asyncio.StreamWriter]] = field(default_factory=list)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.append((task, writer))
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                self.heads.append(head)
+                await self.handler(head.split(b" ")[1].decode(), reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for _, writer in self.connections:
+            writer.transport.abort()  # ends every `hang`, so no handler is left to cancel
+        await asyncio.gather(*(task for task, _ in self.connections))
+
+
+StartRawUpstream = Callable[[RawHandler], Awaitable[RawUpstream]]
+
+
+async def hang(reader: asyncio.StreamReader) -> None:
+    """Answer nothing until pollguard (or the test's end) drops the connection."""
+    async with asyncio.timeout(5):
+        await reader.read()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[StartRawUpstream]:
+    started: list[RawUpstream] = []
+
+    async def start(handler: RawHandler) -> RawUpstream:
+        up = RawUpstream(handler)
+        up.server = await asyncio.start_server(up._serve, "127.0.0.1", 0)
+        up.url = f"http://127.0.0.1:{up.server.sockets[0].getsockname()[1]}"
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        await up.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+FORWARDED = {"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Via"}
+
+
+# --- 1. headers ---------------------------------------------------------------------------
+
+
+async def test_request_hop_by_hop_headers_are_dropped_and_end_to_end_ones_kept(
+    start_pollguard: StartPollguard, connect: Connect
+) -> None:
+    pg = await start_pollguard()
+    seen = await echo(
+        connect,
+        pg,
+        "GET /echo/h HTTP/1.1\r\n"
+        "Host: api.example.com\r\n"
+        "Connection: keep-alive, Upgrade, X-Named-Hop\r\n"
+        "X-Named-Hop: secret\r\n"
+        "Keep-Alive: timeout=5\r\n"
+        "TE: trailers\r\n"
+        "Upgrade: h2c\r\n"
+        "Proxy-Authorization: Basic Zm9vOmJhcg==\r\n"
+        "Proxy-Connection: keep-alive\r\n"
+        "X-Multi: a\r\n"
+        "Authorization: Bearer token\r\n"
+        "X-Multi: b\r\n"
+        "Cookie: a=1\r\n"
+        "Accept: text/plain\r\n"
+        "\r\n",
+    )
+    assert sorted((n, v) for n, v in seen["headers"] if n not in FORWARDED) == [
+        ("Accept", "text/plain"),
+        ("Authorization", "Bearer token"),
+        ("Cookie", "a=1"),
+        ("Host", "api.example.com"),
+        ("X-Multi", "a"),
+        ("X-Multi", "b"),
+    ]
+    assert header_values(seen, "X-Multi") == ["a", "b"]
+
+
+async def test_a_bare_request_reaches_the_upstream_with_nothing_invented(
+    start_pollguard: StartPollguard, connect: Connect
+) -> None:
+    pg = await start_pollguard()
+    seen = await echo(connect, pg, "GET /echo HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert header_names(seen) == sorted({"Host"} | FORWARDED)
+
+    seen = await echo(
+        connect, pg, "POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    assert header_names(seen) == sorted({"Host", "Content-Length"} | FORWARDED)
+    assert header_values(seen, "Content-Length") == ["5"]  # not turned into chunked
+    assert seen["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
+
+
+async def test_forwarded_headers_append_the_peer_and_replace_what_the_client_claims(
+    start_pollguard: StartPollguard, connect: Connect
+) -> None:
+    pg = await start_pollguard()
+    seen = await echo(
+        connect,
+        pg,
+        "GET /echo HTTP/1.1\r\n"
+        "Host: api.example.com:8443\r\n"
+        "X-Forwarded-For: 203.0.113.7\r\n"
+        "X-Forwarded-For: 198.51.100.1\r\n"
+        "X-Forwarded-Proto: https\r\n"
+        "X-Forwarded-Host: evil.example\r\n"
+        "Via: 1.0 edge\r\n"
+        "\r\n",
+    )
+    assert header_values(seen, "X-Forwarded-For") == ["203.0.113.7, 198.51.100.1, 127.0.0.1"]
+    assert header_values(seen, "X-Forwarded-Proto") == ["http"]
+    assert header_values(seen, "X-Forwarded-Host") == ["api.example.com:8443"]
+    assert header_values(seen, "Via") == ["1.0 edge, 1.1 pollguard"]
+
+    seen = await echo(connect, pg, "GET /echo HTTP/1.0\r\nHost: h\r\n\r\n")
+    assert header_values(seen, "Via") == ["1.0 pollguard"]
+
+
+async def test_response_hop_by_hop_headers_are_dropped_and_repeated_ones_kept(
+    start_pollguard: StartPollguard, raw_upstream: StartRawUpstream,
+    connect: Connect,
+) -> None:  # fmt: skip
+    async def answer(path: str, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(
+            b"HTTP/1.1 200 OK\r\n"
+            b"Content-Length: 2\r\n"
+            b"Connection: X-Named-Hop\r\n"
+            b"X-Named-Hop: 1\r\n"
+            b"Keep-Alive: timeout=5, max=100\r\n"
+            b"Proxy-Authenticate: Basic realm=x\r\n"
+            b"Proxy-Connection: keep-alive\r\n"
+            b"Upgrade: h2c\r\n"
+            b"Set-Cookie: a=1; Path=/\r\n"
+            b"Set-Cookie: b=2; Path=/\r\n"
+            b"X-End: kept\r\n"
+            b"Via: 1.1 backend\r\n"
+            b"\r\nok"
+        )
+
+    up = await raw_upstream(answer)
+    pg = await start_pollguard(upstream_url=up.url)
+    resp = await exchange(connect, pg, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+
+    assert resp.status == 200
+    assert resp.body == b"ok"
+    assert resp.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    assert resp.get("X-End") == "kept"
+    assert resp.getall("Via") == ["1.1 backend, 1.1 pollguard"]
+    names = {n.lower() for n, _ in resp.headers}
+    for hop in ("x-named-hop", "keep-alive", "proxy-authenticate", "proxy-connection", "upgrade"):
+        assert hop not in names
+    assert "x-named-hop" not in (resp.get("Connection") or "").lower()
+
+
+async def test_a_chunked_upstream_response_is_reframed_not_doubly_chunked(
+    start_pollguard: StartPollguard, connect: Connect
+) -> None:
+    pg = await start_pollguard()
+    resp = await exchange(connect, pg, b"GET /chunked?n=3&interval=0 HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert resp.status == 200
+    assert resp.body == b"chunk 0\nchunk 1\nchunk 2\n"
+    assert len(resp.getall("Transfer-Encoding")) <= 1
+
+
+# --- 2. raw path and query ----------------------------------------------------------------
+
+ODD_TARGETS = [
+    "/echo//a//b",
+    "/echo/%2e%2e/%2E%2E/x",
+    "/echo/./a/../b",
+    "/echo/a%2Fb%2fc",
+    "/echo/%7e~%7E",
+    "/echo/a%00b",
+    "/echo/caf%C3%A9",
+    "/echo?a=1&a=2&&b=%zz;c=d+e%20f",
+    "/echo?q=/x?y=1",
+    "/echo?",
+    "/echo/?%",
+    "/echo#not-a-fragment",
+    "//echo",
+]
+
+
+async def test_raw_path_and_query_are_forwarded_byte_for_byte(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect
+) -> None:
+    pg = await start_pollguard()
+    conn = await connect(pg)
+    for target in ODD_TARGETS:
+        await conn.send(f"GET {target} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        await conn.response()
+    assert upstream.raw_paths == ODD_TARGETS
+
+
+async def test_an_absolute_form_target_is_forwarded_as_its_path(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect
+) -> None:
+    pg = await start_pollguard()
+    seen = await echo(
+        connect, pg, "GET http://api.example.com/echo//a%2Fb?x=%41 HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
+    assert seen["raw_path"] == "/echo//a%2Fb?x=%41"
+
+
+# --- 3. uploads stream --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_30mb_upload_streams_through_without_being_buffered(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect, framing: str
+) -> None:
+    size, block = 30 * MiB, 64 * 1024
+    pg = await start_pollguard()
+    conn = await connect(pg)
+    chunked = framing == "chunked"
+    length = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
+    await conn.send(f"POST /upload/watched HTTP/1.1\r\nHost: h\r\n{length}\r\n\r\n".encode())
+
+    rng, digest = random.Random(7), hashlib.sha256()
+    tracemalloc.start()
+    try:
+        for sent in range(0, size, block):
+            data = rng.randbytes(block)
+            digest.update(data)
+            if chunked:
+                data = b"%x\r\n%s\r\n" % (len(data), data)
+            await conn.send(data)
+            if sent == size // 2:
+                # Half the body is out and the client waits: a proxy that buffers the
+                # whole body has passed nothing on yet.
+                async with asyncio.timeout(5):
+                    while upstream.received < MiB:
+                        await asyncio.sleep(0.01)
+        if chunked:
+            await conn.send(b"0\r\n\r\n")
+        resp = await conn.response(timeout=20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert resp.status == 200
+    got = json.loads(resp.body)
+    assert got["size"] == size
+    assert got["sha256"] == digest.hexdigest()
+    assert got["chunks"] > 50
+    if chunked:
+        assert (got["te"], got["length"]) == ("chunked", None)
+    else:
+        assert (got["te"], got["length"]) == (None, str(size))
+    # client, proxy and upstream all live in this process; together they held a few MiB
+    assert peak < 8 * MiB, f"peak {peak / MiB:.1f} MiB traced while 30 MiB went through"
+
+
+# --- 4. downloads stream ------------------------------------------------------------------
+
+
+async def test_a_slow_download_reaches_the_client_as_it_is_produced(
+    start_pollguard: StartPollguard, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard()
+    async with http.get(pg.url("/gated")) as resp:
+        assert resp.status == 200
+        async with asyncio.timeout(2):
+            # the upstream sends "last" only after the test opens the gate
+            assert await resp.content.readline() == b"first\n"
+        upstream.gate.set()
+        async with asyncio.timeout(2):
+            assert await resp.read() == b"last\n"
+
+
+# --- 5. responses pass as they are -------------------------------------------------------
+
+
+async def test_redirects_are_passed_on_not_followed(
+    start_pollguard: StartPollguard, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard()
+    async with http.get(pg.url("/redirect"), allow_redirects=False) as resp:
+        assert resp.status == 302
+        assert resp.headers["Location"] == "/elsewhere"
+    assert upstream.raw_paths == ["/redirect"]
+
+
+async def test_gzip_bodies_pass_byte_for_byte(
+    start_pollguard: StartPollguard, connect: Connect
+) -> None:
+    pg = await start_pollguard()
+    resp = await exchange(
+        connect, pg, b"GET /gzip HTTP/1.1\r\nHost: h\r\nAccept-Encoding: gzip\r\n\r\n"
+    )
+    assert resp.status == 200
+    assert resp.get("Content-Encoding") == "gzip"
+    assert resp.body == gzip.compress(b'{"compressed": true}' * 100, mtime=0)
+    assert resp.get("Content-Length") == str(len(resp.body))
+
+
+async def test_head_204_and_304_come_back_without_a_body(
+    start_pollguard: StartPollguard, connect: Connect
+) -> None:
+    pg = await start_pollguard()
+    conn = await connect(pg)  # one keep-alive connection: a stray body byte would break it
+
+    for target in ("/bytes?size=5000", "/bytes?size=500000", "/bytes?size=5000&chunked=1"):
+        await conn.send(f"HEAD {target} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        head = await conn.response(head=True)
+        assert head.status == 200
+        if "chunked" not in target:
+            assert head.get("Content-Length") == target.split("=")[1]
+    for status in (204, 304):
+        await conn.send(f"GET /empty/{status} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        resp = await conn.response()
+        assert resp.status == status
+        assert resp.get("ETag") == '"v1"'
+        assert resp.get("Content-Length") in (None, "0")
+        assert resp.get("Transfer-Encoding") is None
+
+    await conn.send(b"GET /bytes?size=10 HTTP/1.1\r\nHost: h\r\n\r\n")
+    resp = await conn.response()
+    assert (resp.status, resp.body) == (200, pattern(10))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_1mb_body_arrives_intact(
+    start_pollguard: StartPollguard, http: aiohttp.ClientSession, chunked: bool
+) -> None:
+    pg = await start_pollguard()
+    async with http.get(pg.url(f"/bytes?size=1000000&chunked={int(chunked)}")) as resp:
+        assert resp.status == 200
+        assert await resp.read() == pattern(1_000_000)
+
+    body = pattern(1_000_001)
+    async with http.post(pg.url("/echo/in"), data=body) as resp:
+        seen = await resp.json()
+    assert (seen["body_length"], seen["body_sha256"]) == (
+        len(body),
+        hashlib.sha256(body).hexdigest(),
+    )
+
+
+# --- 6. upstream failures -----------------------------------------------------------------
+
+
+async def test_an_upstream_that_is_down_is_a_fast_small_502(
+    start_pollguard: StartPollguard, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard(upstream_url=f"http://127.0.0.1:{free_port()}")
+    for path in ("/anything", "/test/status/t"):
+        started = time.monotonic()
+        async with http.get(pg.url(path)) as resp:
+            body = await resp.read()
+            assert resp.status == 502
+            assert resp.content_type == "application/json"
+        assert time.monotonic() - started < 0.5
+        assert len(body) < 200
+        assert json.loads(body)["error"] == "upstream unreachable"
+
+    async with http.get(pg.admin("/metrics")) as resp:
+        text = await resp.text()
+    for rule in ("none", "task-status"):
+        assert (
+            metric(text, f'pollguard_requests_total{{outcome="upstream_error",rule="{rule}"}}') == 1
+        )
+    assert metric(text, 'pollguard_upstream_misses_total{rule="task-status"}') == 0
+
+
+async def test_an_upstream_that_hangs_up_without_answering_is_a_502(
+    start_pollguard: StartPollguard, raw_upstream: StartRawUpstream,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    async def hang_up(path: str, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.transport.abort()
+
+    up = await raw_upstream(hang_up)
+    pg = await start_pollguard(upstream_url=up.url)
+    started = time.monotonic()
+    async with http.get(pg.url("/test/status/t")) as resp:
+        assert resp.status == 502
+    assert time.monotonic() - started < 0.5
+
+
+async def test_a_slow_upstream_is_a_504_after_upstream_timeout(
+    start_pollguard: StartPollguard,
+    raw_upstream: StartRawUpstream,
+    http: aiohttp.ClientSession,
+) -> None:
+    async def silent(path: str, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await hang(reader)
+
+    up = await raw_upstream(silent)
+    for url, path in ((None, "/slow?delay=3"), (up.url, "/test/status/t")):
+        pg = await start_pollguard(upstream_timeout=0.3, upstream_url=url)
+        started = time.monotonic()
+        async with http.get(pg.url(path)) as resp:
+            body = await resp.json()
+            assert resp.status == 504
+        assert 0.3 <= time.monotonic() - started < 1.3
+        assert body["error"] == "upstream timed out"
+        assert (await pg.pg.state.stats()).tracked == 0  # not a miss
+
+
+# --- 7. hostile clients -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"X-Big: " + b"a" * 65536 + b"\r\n", id="64k-header"),
+        pytest.param(b"X-" + b"a" * 65536 + b": 1\r\n", id="64k-name"),
+        pytest.param(b"".join(b"X-%d: %s\r\n" % (i, b"a" * 300) for i in range(200)), id="many"),
+    ],
+)
+async def test_an_oversized_head_is_refused_and_never_forwarded(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession, head: bytes,
+) -> None:  # fmt: skip
+    pg = await start_pollguard()
+    resp = await exchange(connect, pg, b"GET /watched HTTP/1.1\r\nHost: h\r\n" + head + b"\r\n")
+    assert resp.status in (400, 431)
+    assert upstream.arrived == []
+    await assert_serves(http, pg)
+
+
+async def test_an_oversized_request_line_is_refused(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    pg = await start_pollguard()
+    resp = await exchange(
+        connect, pg, b"GET /watched?" + b"a" * 65536 + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
+    assert resp.status in (400, 414)
+    assert upstream.arrived == []
+    await assert_serves(http, pg)
+
+
+async def test_slowloris_headers_are_cut_off_while_others_are_served(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    pg = await start_pollguard(client_timeout=1.0)
+    slow = await connect(pg)
+    started = time.monotonic()
+
+    async def trickle() -> None:
+        for byte in b"GET /watched HTTP/1.1\r\nHost: h\r\n" + b"X-Slow: " + b"a" * 1000:
+            slow.writer.write(bytes([byte]))
+            await asyncio.sleep(0.05)
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        for _ in range(5):
+            t0 = time.monotonic()
+            await assert_serves(http, pg)
+            assert time.monotonic() - t0 < 0.5
+            await asyncio.sleep(0.1)
+        assert await slow.closed_within(2.0) == b""
+        assert time.monotonic() - started < 1.5
+    finally:
+        trickling.cancel()
+    assert upstream.arrived == []
+    await assert_serves(http, pg)
+
+
+async def test_an_idle_connection_is_closed_after_client_timeout(
+    start_pollguard: StartPollguard, connect: Connect
+) -> None:
+    pg = await start_pollguard(client_timeout=0.5)
+    idle = await connect(pg)
+    started = time.monotonic()
+    assert await idle.closed_within(2.0) == b""
+    assert time.monotonic() - started < 1.5
+
+    used = await connect(pg)
+    await used.send(b"GET /echo HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert (await used.response()).status == 200
+    started = time.monotonic()
+    assert await used.closed_within(2.0) == b""
+    assert time.monotonic() - started < 1.5
+
+
+async def test_a_body_slower_than_client_timeout_is_cut_off(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    pg = await start_pollguard(client_timeout=1.0)
+    conn = await connect(pg)
+    await conn.send(
+        b"POST /upload/watched HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n0123456789"
+    )
+    started = time.monotonic()
+    rest = await conn.closed_within(3.0)  # answered and closed at once, no lingering
+    assert 1.0 <= time.monotonic() - started < 1.5
+    assert rest.startswith(b"HTTP/1.1 408 ")
+    assert upstream.requests == []  # the upstream never got a complete request to answer
+    await assert_serves(http, pg)
+
+
+async def test_a_body_over_max_body_size_declared_by_content_length_is_413_unforwarded(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    pg = await start_pollguard(max_body_size=1000)
+    resp = await exchange(
+        connect, pg, b"POST /upload/watched HTTP/1.1\r\nHost: h\r\nContent-Length: 1001\r\n\r\n"
+    )
+    assert resp.status == 413
+    assert upstream.arrived == []
+
+    ok = await exchange(
+        connect, pg, b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000
+    )
+    assert ok.status == 200
+    await assert_serves(http, pg)
+
+
+async def test_a_chunked_body_over_max_body_size_is_cut_off_with_413(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    pg = await start_pollguard(max_body_size=1000)
+    conn = await connect(pg)
+    await conn.send(
+        b"POST /upload/watched HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    for _ in range(3):
+        await conn.send(b"1f4\r\n" + b"x" * 500 + b"\r\n")
+    await conn.send(b"0\r\n\r\n")
+    rest = await conn.closed_within(3.0)
+    assert rest.startswith(b"HTTP/1.1 413 ")
+    assert upstream.received <= 1000  # the upstream never got a complete oversized body
+    await assert_serves(http, pg)
+
+
+GET = b"GET /watched HTTP/1.1\r\n"
+POST = b"POST /watched HTTP/1.1\r\nHost: h\r\n"
+MALFORMED = [
+    pytest.param(b"GARBAGE\r\n\r\n", id="request-line"),
+    pytest.param(b"GET /watched HTTP/9.9\r\nHost: h\r\n\r\n", id="version"),
+    pytest.param(b"GET /e\x01cho HTTP/1.1\r\nHost: h\r\n\r\n", id="ctl-in-target"),
+    pytest.param(GET + b"Host: h\r\nBad Name: x\r\n\r\n", id="space-in-name"),
+    pytest.param(GET + b"Host: h\r\n folded: x\r\n\r\n", id="obs-fold"),
+    pytest.param(GET + b"Host: h\r\nX: a\x00b\r\n\r\n", id="nul-in-value"),
+    pytest.param(GET + b"Host: a\r\nHost: b\r\n\r\n", id="two-hosts"),
+    pytest.param(GET + b"\r\n", id="no-host"),
+    pytest.param(POST + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", id="two-lengths"),
+    pytest.param(POST + b"Content-Length: -1\r\n\r\n", id="negative-length"),
+    pytest.param(POST + b"Content-Length: 1e3\r\n\r\n", id="odd-length"),
+    pytest.param(
+        POST + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        id="length-and-chunked",
+    ),
+    pytest.param(
+        POST + b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n", id="chunked-not-last"
+    ),
+]
+
+
+@pytest.mark.parametrize("raw", MALFORMED)
+async def test_a_malformed_request_is_400_and_never_forwarded(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession, raw: bytes,
+) -> None:  # fmt: skip
+    pg = await start_pollguard()
+    resp = await exchange(connect, pg, raw)
+    assert resp.status == 400
+    assert upstream.arrived == []
+    await assert_serves(http, pg)
+
+
+async def test_a_malformed_chunked_body_is_400_and_never_forwarded(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    pg = await start_pollguard()
+    rest = await exchange(
+        connect,
+        pg,
+        b"POST /upload/watched HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\nzz\r\nnope\r\n0\r\n\r\n",
+    )
+    assert rest.status == 400
+    assert upstream.arrived == []
+    await assert_serves(http, pg)
+
+
+async def test_a_chunked_body_turning_malformed_midway_is_cut_off_within_client_timeout(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    pg = await start_pollguard(client_timeout=1.0)
+    conn = await connect(pg)
+    await conn.send(
+        b"POST /upload/watched HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n"
+    )
+    async with asyncio.timeout(2):  # the head and the first chunk have gone upstream
+        while upstream.received < 5:
+            await asyncio.sleep(0.01)
+    started = time.monotonic()
+    await conn.send(b"zz\r\nnope\r\n0\r\n\r\n")
+    rest = await conn.closed_within(3.0)
+    # aiohttp's parser queues its 400 behind the request in flight and leaves that
+    # request's body waiting rather than failing it, so the body timeout ends it: a 408.
+    assert rest.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 408 "))
+    assert time.monotonic() - started < 2.0
+    assert upstream.requests == []  # the upstream never got a complete request to answer
+    await assert_serves(http, pg)
+
+
+async def test_connect_is_refused_and_never_forwarded(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    pg = await start_pollguard()
+    resp = await exchange(
+        connect, pg, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+    )
+    assert resp.status == 405
+    assert upstream.requests == []
+    await assert_serves(http, pg)
+
+
+async def test_expect_100_continue_is_answered_when_the_body_is_wanted(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect
+) -> None:
+    pg = await start_pollguard(max_body_size=1000)
+    conn = await connect(pg)
+    await conn.send(
+        b"POST /watched HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    async with asyncio.timeout(1):  # curl would give up waiting after 1 s and send anyway
+        assert await conn.reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    await conn.send(b"hello")
+    resp = await conn.response()
+    assert resp.status == 200
+    seen = json.loads(resp.body)
+    assert seen["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
+    assert "Expect" not in dict(seen["headers"])
+
+    # a body refused by its declared size is never asked for
+    await conn.send(
+        b"POST /watched HTTP/1.1\r\nHost: h\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert (await conn.response()).status == 413
+
+
+async def test_a_client_that_stops_reading_is_cut_off(
+    start_pollguard: StartPollguard, connect: Connect, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard(client_timeout=0.5)
+    conn = await connect(pg)
+    size = 20 * MiB  # far more than the socket buffers between us and pollguard hold
+    await conn.send(f"GET /bytes?size={size}&chunked=1 HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+    await asyncio.sleep(2.0)
+    got = await conn.closed_within(3.0)
+    assert got.startswith(b"HTTP/1.1 200 ")
+    assert len(got) < size
+    await assert_serves(http, pg)
+
+
+# --- 8. WebSocket -------------------------------------------------------------------------
+
+
+async def test_websocket_passes_through_with_its_subprotocol(
+    start_pollguard: StartPollguard, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard()
+    async with asyncio.timeout(5), http.ws_connect(pg.url("/ws"), protocols=("chat",)) as ws:
+        assert ws.protocol == "chat"
+        await ws.send_str("hi")
+        assert await ws.receive_str() == "echo:hi"
+        await ws.send_bytes(b"\x00\x01\x02")
+        assert await ws.receive_bytes() == b"\x02\x01\x00"
+        await ws.send_str("x" * 200_000)
+        assert await ws.receive_str() == "echo:" + "x" * 200_000
+
+
+async def test_websocket_close_propagates_both_ways(
+    start_pollguard: StartPollguard, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard()
+    async with asyncio.timeout(5):
+        async with http.ws_connect(pg.url("/ws/close")) as ws:
+            await ws.send_str("bye")
+            msg = await ws.receive()
+            assert msg.type is aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 4001
+
+        async with http.ws_connect(pg.url("/ws/close")) as ws:
+            await ws.send_str("ping")
+            assert await ws.receive_str() == "ping"
+            await ws.close(code=4002)
+        while len(upstream.ws_closes) < 2:
+            await asyncio.sleep(0.01)
+    assert upstream.ws_closes == [4001, 4002]
+
+
+# --- 9. upstream dies mid-body ------------------------------------------------------------
+
+
+async def test_an_upstream_dying_mid_body_truncates_the_response_and_nothing_hangs(
+    start_pollguard: StartPollguard, raw_upstream: StartRawUpstream,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    async def answer(path: str, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if path == "/ok":
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            return
+        if path == "/chunked":
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            w.write(b"10000\r\n" + b"x" * 0x10000 + b"\r\n" + b"10000\r\n" + b"x" * 100)
+        else:
+            length = int(path.rsplit("/", 1)[1])
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length)
+            w.write(b"x" * (length // 10))
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.transport.abort()
+
+    up = await raw_upstream(answer)
+    pg = await start_pollguard(upstream_url=up.url)
+    for path in ("/length/1000000", "/length/1000", "/chunked"):
+        async with asyncio.timeout(3):
+            try:
+                async with http.get(pg.url(path)) as resp:
+                    if resp.status == 502:  # pollguard had not sent the status line yet
+                        continue
+                    assert resp.status == 200
+                    with pytest.raises(aiohttp.ClientPayloadError):
+                        await resp.read()
+            except aiohttp.ServerDisconnectedError:
+                pass
+    async with http.get(pg.url("/ok")) as resp:
+        assert (resp.status, await resp.read()) == (200, b"ok")
+
+
+async def test_an_upstream_stalling_mid_body_is_cut_after_upstream_timeout(
+    start_pollguard: StartPollguard, raw_upstream: StartRawUpstream,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    async def stall(path: str, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000)
+        await hang(reader)
+
+    up = await raw_upstream(stall)
+    pg = await start_pollguard(upstream_url=up.url, upstream_timeout=0.5)
+    started = time.monotonic()
+    async with asyncio.timeout(3), http.get(pg.url("/stall")) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert time.monotonic() - started < 2.0
