@@ -17,7 +17,9 @@ import pytest
 from proxy.rules import Rule, RuleSet, load_rules
 from proxy.state import StateStore
 from proxy.state.memory import MemoryState
+from proxy.state.redis import RedisState
 from tests.conftest import Running, StartPollguard
+from tests.processes import RedisServer
 from tests.support import REPO, FakeClock, Upstream, rule_toml, ruleset
 
 MakeStore = Callable[[], StateStore]
@@ -31,17 +33,22 @@ CADENCES = [
 ]
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", "redis"])
 async def make_store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[MakeStore]:
     """Fresh stores on the test's clock, each sharing nothing with the ones made before.
 
-    "Nothing shared" is how a restarted memory store looks; for Redis it would be a
-    flushed database or a new key prefix.
+    "Nothing shared" is how a restarted memory store looks; for Redis each store gets a
+    key prefix of its own in the test's (flushed) database.
     """
     made: list[StateStore] = []
 
     def make() -> StateStore:
-        store = MemoryState(clock=clock)
+        store: StateStore
+        if request.param == "memory":
+            store = MemoryState(clock=clock)
+        else:
+            server: RedisServer = request.getfixturevalue("redis_server")
+            store = RedisState(server.url(), clock=clock, prefix=f"pollguard{len(made)}:")
         made.append(store)
         return store
 
