@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from proxy.errors import ConfigError, RulesError, StateError
 from proxy.forward import Forwarder
 from proxy.guard import Action
-from proxy.logs import DECISION, LineSink, access_logger, open_sink
+from proxy.logs import DECISION, LineSink, access_logger, open_sink, server_logger
 from proxy.matching import Matcher
 from proxy.metrics import NO_RULE, Metrics
 from proxy.rules import Rule, RuleSet, load_rules
@@ -138,7 +138,9 @@ def _blocked_headers(rule: Rule) -> CIMultiDict[str]:
 def make_state(settings: Settings, clock: Clock) -> StateStore:
     if settings.state == "memory://":
         return MemoryState(max_keys=settings.max_keys, clock=clock)
-    raise ConfigError(f"--state: {settings.state!r}: only memory:// is available in this build")
+    from proxy.state.redis import RedisState  # redis-py is only imported when used
+
+    return RedisState(settings.state, clock=clock, cache_size=settings.max_keys)
 
 
 class Pollguard:
@@ -228,6 +230,7 @@ class Pollguard:
             access_log_class=access_logger(self._sink),
             access_log=logging.getLogger("pollguard.access") if self._sink else None,
             auto_decompress=False,  # bodies pass byte for byte
+            logger=server_logger(),
         )
         proxy_runner = web.ServerRunner(server, shutdown_timeout=self.settings.drain_timeout)
         admin_runner = web.AppRunner(create_admin_app(self), access_log=None, shutdown_timeout=1.0)
@@ -243,7 +246,10 @@ class Pollguard:
     async def _bind(self, runner: web.BaseRunner, address: Address, flag: str) -> Address:
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, address.host, address.port, reuse_port=self.reuse_port or None)
+        # nginx's listen backlog: aiohttp's 128 makes a burst of new clients wait on SYN retries
+        site = web.TCPSite(
+            runner, address.host, address.port, backlog=511, reuse_port=self.reuse_port or None
+        )
         try:
             await site.start()
         except OSError as exc:
@@ -282,8 +288,16 @@ class Pollguard:
             "admin": str(self.admin_address),
             "upstream": str(self.settings.upstream),
             "rules": list(self.rules.names),
-            "state": self.settings.state,
+            "state": _redacted(self.settings.state),
         }
+
+
+def _redacted(url: str) -> str:
+    if url == "memory://":
+        return url
+    from proxy.state.redis import redacted
+
+    return redacted(url)
 
 
 def _changes(old: RuleSet, new: RuleSet) -> dict[str, list[str]]:

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from proxy import __version__
 from proxy.errors import ConfigError, RulesError
-from proxy.rules import load_rules
+from proxy.rules import RuleSet, load_rules
 from proxy.settings import SERVE_OPTIONS, Settings, build_settings
 
 EXIT_OK, EXIT_FOUND_ERRORS, EXIT_USAGE = 0, 1, 2
@@ -179,8 +179,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     check_c_parser()
     configure_event_log()
+    if settings.workers > 1:
+        from proxy.workers import run_workers
+
+        return run_workers(settings, lambda worker: _serve_worker(worker, rules))
     pg = Pollguard(settings, rules)
     run(_serve(pg))
+    return EXIT_OK
+
+
+def _serve_worker(settings: Settings, rules: RuleSet) -> int:
+    """One of --workers N (in a forked child): the same serve, sharing the port."""
+    from proxy.app import Pollguard
+
+    try:
+        run(_serve(Pollguard(settings, rules, reuse_port=True)))
+    except ConfigError as exc:
+        print(f"pollguard serve: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import BaseRequest, StreamResponse
 
 # What the proxy handler decided, left on the request for the access log:
@@ -33,10 +34,25 @@ def _second(sec: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
 
 
-def _timestamp(now: float) -> str:
-    """RFC 3339 in UTC with milliseconds; the strftime part is computed once a second."""
-    sec = int(now)
-    return f"{_second(sec)}.{int((now - sec) * 1000):03d}Z"
+class _Timestamps:
+    """RFC 3339 in UTC with milliseconds, formatted once per millisecond (a busy proxy
+    logs many lines in each one), the strftime part once per second."""
+
+    __slots__ = ("_ms", "_text")
+
+    def __init__(self) -> None:
+        self._ms = -1
+        self._text = ""
+
+    def __call__(self, now: float) -> str:
+        ms = int(now * 1000)
+        if ms != self._ms:
+            sec, frac = divmod(ms, 1000)
+            self._ms, self._text = ms, f"{_second(sec)}.{frac:03d}Z"
+        return self._text
+
+
+_timestamp = _Timestamps()
 
 
 class LineSink:
@@ -113,7 +129,7 @@ class AccessLogger(AbstractAccessLogger):
         )
         if decision is not None:
             rule, task_id, outcome, upstream = decision
-            line += f',"rule":{_q(rule)},"outcome":"{outcome}"'
+            line += f',"rule":"{rule}","outcome":"{outcome}"'  # both validated: no escaping
             if task_id is not None:
                 line += f',"task_id":{_q(task_id)}'
             if upstream is not None:
@@ -145,6 +161,26 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
+
+
+class _NotClientFaults(logging.Filter):
+    """Drops aiohttp's ERROR-with-traceback for each malformed request.
+
+    The client's 400 is in the access log already; as an event it would let any hostile
+    client flood the event log with tracebacks. Errors of pollguard's own still pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+def server_logger() -> logging.Logger:
+    """The logger for aiohttp's server on the public port."""
+    logger = logging.getLogger("pollguard.server")
+    if not any(isinstance(f, _NotClientFaults) for f in logger.filters):
+        logger.addFilter(_NotClientFaults())
+    return logger
 
 
 def configure_event_log(level: int = logging.INFO) -> None:

@@ -5,6 +5,7 @@ Only the key is normalised; what is forwarded is always the raw path as received
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -73,23 +74,46 @@ def normalize(raw_path: str) -> list[str] | None:
     return out
 
 
+def _pattern(template: Template) -> re.Pattern[str]:
+    """The template as a regex over a path that needs no normalising (see Matcher.match)."""
+    before = "".join("/" + re.escape(s) for s in template.before)
+    after = "".join("/" + re.escape(s) for s in template.after)
+    return re.compile(f"{before}/([^/]+){after}/?")
+
+
 class Matcher:
     """Finds the first rule (file name order, then order in the file) a request falls under."""
 
-    __slots__ = ("_by_length", "_methods")
+    __slots__ = ("_by_length", "_methods", "_patterns")
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         by_length: dict[int, list[Rule]] = {}
         methods: set[str] = set()
+        patterns: list[tuple[Rule, re.Pattern[str]]] = []
         for rule in rules:
             by_length.setdefault(rule.template.length, []).append(rule)
             methods.update(rule.methods)
+            patterns.append((rule, _pattern(rule.template)))
         self._by_length = by_length
         self._methods = frozenset(methods)
+        self._patterns = patterns
 
     def match(self, method: str, raw_path: str) -> tuple[Rule, str] | None:
         if method not in self._methods:
             return None
+        path = raw_path.partition("?")[0]
+        if "%" not in path and "//" not in path and "/." not in path and path[:1] == "/":
+            # Nothing to decode, collapse or resolve (the common case): one regex per rule
+            # gives what normalize() would, at a third of the cost.
+            for rule, pattern in self._patterns:
+                if method in rule.methods:
+                    m = pattern.fullmatch(path)
+                    if m is not None:
+                        return rule, m.group(1)
+            return None
+        return self._match_segments(method, raw_path)
+
+    def _match_segments(self, method: str, raw_path: str) -> tuple[Rule, str] | None:
         segments = normalize(raw_path)
         if segments is None:
             return None

@@ -8,11 +8,11 @@ integer >= 1, got 0`.
 from __future__ import annotations
 
 import difflib
-import json
 import re
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +49,7 @@ class Response:
         parts = self._parts
         if len(parts) == 1:
             return parts[0]
-        escaped = json.dumps(task_id, ensure_ascii=False)[1:-1].encode()
+        escaped = encode_basestring(task_id)[1:-1].encode()  # json's own C escaper
         return escaped.join(parts)
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,7 +15,8 @@ from proxy.app import Pollguard
 from proxy.rules import RuleSet
 from proxy.settings import Address, Settings
 from proxy.state import StateStore
-from tests.support import FakeClock, Upstream, ruleset
+from tests.processes import RedisServer
+from tests.support import FakeClock, Upstream, require_tool, ruleset
 
 
 class Running:
@@ -83,3 +85,40 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
     ) as session:
         yield session
+
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    binary = require_tool("redis-server", "redis-server")
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_server(redis_session: RedisServer) -> RedisServer:
+    """The session's redis-server, emptied and its command stats reset for this test."""
+    redis_session.command("FLUSHALL")
+    redis_session.command("CONFIG", "RESETSTAT")
+    return redis_session
+
+
+MakeRedis = Callable[..., RedisServer]
+
+
+@pytest.fixture
+def make_redis(tmp_path: Path) -> Iterator[MakeRedis]:
+    """Private redis-servers a test may kill, restart or configure (extra server flags)."""
+    binary = require_tool("redis-server", "redis-server")
+    made: list[RedisServer] = []
+
+    def make(*extra: str) -> RedisServer:
+        server = RedisServer(binary, tmp_path / f"redis-{len(made)}", *extra)
+        made.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in made:
+        server.kill()

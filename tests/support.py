@@ -353,10 +353,14 @@ class ServeProcess:
         with open(self.stderr_path, encoding="utf-8") as f:
             return f.read()
 
-    async def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM and wait; the exit code."""
+    async def stop(self, timeout: float = 10.0, *, signal_sent: bool = False) -> int:
+        """SIGTERM (unless the test sent it already) and wait; the exit code.
+
+        A second SIGTERM could land after the event loop closed, when the default action
+        kills the process and the exit code says -15 instead of what pollguard returned.
+        """
         assert self.proc is not None
-        if self.proc.returncode is None:
+        if self.proc.returncode is None and not signal_sent:
             self.proc.terminate()
         try:
             async with asyncio.timeout(timeout):

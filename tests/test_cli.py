@@ -156,7 +156,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
             assert resp.status == 200
             assert await resp.json() == {"slow": True}
             resp.release()
-        assert await proc.stop() == 0
+        assert await proc.stop(signal_sent=True) == 0
     finally:
         await proc.kill()
     events = [json.loads(line) for line in proc.stderr().splitlines()]
@@ -166,8 +166,10 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
 async def test_access_log_is_json_lines_with_a_marker_for_blocked_answers(
     upstream: Upstream, tmp_path: Path
 ) -> None:
+    rules = tmp_path / "status.toml"  # blocks on the 5th miss, however quick (no grace)
+    rules.write_text(rule_toml(threshold=5))
     proc = await ServeProcess(
-        "--upstream", upstream.url, "--rules", f"{REPO}/rules", logs=str(tmp_path)
+        "--upstream", upstream.url, "--rules", str(rules), logs=str(tmp_path)
     ).start()
     paths = ["/test/status/gone"] * 6 + ['/other/"quoted"\\', "/test/status/a%0Ab", "/x?q=%22}"]
     try:

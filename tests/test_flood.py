@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support import REPO, ServeProcess
+from tests.support import ServeProcess, rule_toml
 
 FLOOD = 100_000
 MAX_KEYS = 10_000
@@ -79,8 +79,10 @@ def metric(text: str, name: str) -> float:
 async def test_unique_id_flood_stays_bounded_and_keeps_the_block(
     canned_upstream: str, tmp_path: Path
 ) -> None:
+    rules = tmp_path / "status.toml"  # blocks on the 5th miss, however quick (no grace)
+    rules.write_text(rule_toml(threshold=5))
     proc = await ServeProcess(
-        "--upstream", canned_upstream, "--rules", f"{REPO}/rules",
+        "--upstream", canned_upstream, "--rules", str(rules),
         "--max-keys", str(MAX_KEYS), "--access-log", "off", logs=str(tmp_path),
     ).start()  # fmt: skip
     try:

@@ -70,7 +70,9 @@ class MemoryState:
         state = blocked if blocked is not None else counted
         alive = key in self._alive
         out = guard.record(state, rule, self._clock(), status, alive=alive)
-        if out.alive and not alive:
+        if out.alive:
+            # Every 2xx renews the mark (a membership test does not), so eviction takes the
+            # key seen alive longest ago, not the one first seen: as Redis renews its TTL.
             self._alive[key] = True
         new = out.state
         if new is state:

@@ -1,0 +1,25 @@
+-- guard.admit() for one key, atomically. The probe slot is taken here, so of all
+-- replicas and workers exactly one request per probe_every goes through to re-check.
+--
+-- KEYS[1]  the key's state hash {m, f, l, b, p} (see record.lua)
+-- ARGV[1]  now (the caller's clock, seconds)
+-- ARGV[2]  probe_every in seconds, "inf" when off
+--
+-- Returns {"forward"} | {"block", blocked_until, next_probe} | {"probe", blocked_until, next_probe}
+
+local now = tonumber(ARGV[1])
+local v = redis.call('HMGET', KEYS[1], 'b', 'p')
+local b = tonumber(v[1] or '0')
+
+-- guard.current(): a finished block leaves nothing behind; a mere count is never blocked
+if b == 0 or not (now < b) then
+  return {'forward'}
+end
+
+local p = tonumber(v[2])
+if now >= p then
+  p = now + tonumber(ARGV[2])
+  redis.call('HSET', KEYS[1], 'p', string.format('%.17g', p))
+  return {'probe', string.format('%.17g', b), string.format('%.17g', p)}
+end
+return {'block', string.format('%.17g', b), string.format('%.17g', p)}

@@ -1,0 +1,347 @@
+"""Key state shared by replicas and workers through Redis; Lua scripts run proxy.guard atomically.
+
+Keys, all under one prefix and hash-tagged by rule (every script touches one rule only):
+
+    pollguard:{rule}:k:<task id>   hash m f l b p: guard.KeyState; expires with guard.expires()
+    pollguard:{rule}:a:<task id>   seen answered 2xx; expires `alive_ttl` after the last 2xx
+    pollguard:{rule}:counting      zset task id -> when its count lapses    (the gauges' index:
+    pollguard:{rule}:blocked       zset task id -> blocked_until             trimmed, never scanned)
+
+Every call has a tight deadline and goes through a circuit breaker: on an error the
+store raises StateError at once for a short back-off (the proxy forwards: fail open),
+then lets one trial call through. Blocked keys are cached here for about a second, so
+repeat polls of a blocked key are answered without Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Collection
+from importlib import resources
+from typing import Any, TypeVar
+
+from cachetools import TTLCache
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from yarl import URL
+
+from proxy.errors import ConfigError, StateError
+from proxy.guard import Action, KeyState, Outcome
+from proxy.rules import Rule
+from proxy.state import Block, Clock, Stats
+from proxy.state.circuit import Circuit
+
+log = logging.getLogger("pollguard.state")
+
+T = TypeVar("T")
+Key = tuple[str, str]
+Cached = tuple[float, float, float]  # blocked_until, next_probe, when it was read from Redis
+
+CALL_TIMEOUT = 0.05  # the request path never waits on Redis longer than this
+ADMIN_TIMEOUT = 1.0  # listing blocks, gauges, dropping a rule: more data, nobody's poll waiting
+CACHE_TTL = 1.0  # a blocked key is answered locally this long; an unblock elsewhere holds after it
+ALIVE_TTL = 86_400.0  # "seen answered 2xx" outlives the last 2xx by a day
+_ACTIONS = {"forward": Action.FORWARD, "block": Action.BLOCK, "probe": Action.PROBE}
+_CHUNK = 500
+
+
+def _script(name: str) -> str:
+    return resources.files("proxy.state").joinpath(name).read_text(encoding="utf-8")
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, fit for logs and error messages."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "<unparsable URL>"
+    return str(parsed.with_password("***")) if parsed.password else url
+
+
+class RedisState:
+    """The StateStore on Redis: what one replica counts, every replica sees."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Clock = time.time,
+        cache_size: int = 100_000,
+        cache_ttl: float = CACHE_TTL,
+        alive_ttl: float = ALIVE_TTL,
+        timeout: float = CALL_TIMEOUT,
+        prefix: str = "pollguard:",
+        max_connections: int = 32,
+        warm_connections: int = 8,
+    ) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._prefix = prefix
+        self._alive_ms = str(max(1, round(alive_ttl * 1000)))
+        self._where = redacted(url)
+        try:
+            db = URL(url).path.strip("/") if url.startswith(("redis:", "rediss:")) else ""
+            if db and not db.isdigit():  # redis-py would quietly use db 0
+                raise ValueError(f"the path must be a db number, got {db!r}")
+            # No retries inside redis-py: its default backs off for seconds, and the
+            # circuit below is the only retry policy the request path can afford.
+            self._pool = BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=timeout,
+                socket_timeout=ADMIN_TIMEOUT,
+                socket_connect_timeout=ADMIN_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
+                retry_on_error=[],
+                health_check_interval=0,
+                decode_responses=True,
+            )
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"--state: {self._where}: {exc}") from None
+        self._redis: Redis = Redis(connection_pool=self._pool)
+        self._admit = self._redis.register_script(_script("admit.lua"))
+        self._record = self._redis.register_script(_script("record.lua"))
+        self._unblock = self._redis.register_script(_script("unblock.lua"))
+        self._circuit = Circuit()
+        self._blocked: TTLCache[Key, Cached] = TTLCache(
+            maxsize=cache_size, ttl=cache_ttl, timer=clock
+        )
+        # A key polled while blocked is re-read in the background from half its lifetime
+        # on, so a steady stream of blocked polls never waits on Redis, and an unblock on
+        # another replica still shows here within the lifetime.
+        self._refresh_after = cache_ttl / 2
+        self._refreshing: dict[Key, asyncio.Task[None]] = {}
+        self._rules: dict[str, None] = {}  # rule names this process knows, in order
+        self._warm = min(warm_connections, max_connections)
+
+    def _keys(self, rule: str, task_id: str) -> list[str]:
+        tag = f"{self._prefix}{{{rule}}}"
+        return [f"{tag}:k:{task_id}", f"{tag}:a:{task_id}", f"{tag}:counting", f"{tag}:blocked"]
+
+    def _index(self, rule: str, which: str) -> str:
+        return f"{self._prefix}{{{rule}}}:{which}"
+
+    async def _call(self, call: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
+        """One Redis round trip under the deadline and the circuit; StateError on any failure."""
+        circuit = self._circuit
+        if not circuit.allow():
+            raise StateError(
+                f"redis at {self._where}: not asked after errors, next try in "
+                f"{circuit.retry_in():.2f}s"
+            )
+        trial = circuit.open
+        try:
+            async with asyncio.timeout(timeout or self._timeout):
+                result = await call()
+        except (RedisError, OSError, TimeoutError) as exc:
+            reason = str(exc) or f"no answer within {(timeout or self._timeout) * 1000:.0f} ms"
+            if circuit.failed(trial):
+                log.warning(
+                    "state store unavailable: failing open (requests are forwarded)",
+                    extra={"event": "state_unavailable", "state": self._where, "error": reason},
+                )
+            raise StateError(f"redis at {self._where}: {reason}") from exc
+        except BaseException:
+            circuit.abandoned(trial)
+            raise
+        if circuit.succeeded():
+            log.info(
+                "state store answers again",
+                extra={"event": "state_recovered", "state": self._where},
+            )
+        return result
+
+    def _remember(self, rule: Rule) -> None:
+        if rule.name not in self._rules:
+            self._rules[rule.name] = None
+
+    async def admit(self, rule: Rule, task_id: str) -> Action:
+        key = (rule.name, task_id)
+        now = self._clock()
+        cached = self._blocked.get(key)
+        if cached is not None:
+            blocked_until, next_probe, read_at = cached
+            if now < blocked_until and now < next_probe:
+                if now - read_at >= self._refresh_after and key not in self._refreshing:
+                    self._refresh(key, cached)
+                return Action.BLOCK
+            # a probe is due (Redis decides which replica takes it) or the block ended
+        self._remember(rule)
+        probe_every = math.inf if rule.probe_every is None else rule.probe_every
+        reply: list[str] = await self._call(
+            lambda: self._admit(keys=self._keys(*key)[:1], args=[now, probe_every])
+        )
+        action = _ACTIONS[reply[0]]
+        if action is Action.FORWARD:
+            self._blocked.pop(key, None)
+        else:
+            self._blocked[key] = (float(reply[1]), float(reply[2]), now)
+        return action
+
+    def _refresh(self, key: Key, cached: Cached) -> None:
+        task = asyncio.get_running_loop().create_task(self._reread(key, cached))
+        self._refreshing[key] = task
+        task.add_done_callback(lambda _: self._refreshing.pop(key, None))
+
+    async def _reread(self, key: Key, cached: Cached) -> None:
+        state_key = self._keys(*key)[0]
+        try:
+            until, probe = await self._call(lambda: self._redis.hmget(state_key, "b", "p"))
+        except StateError:
+            return  # the entry ends with its lifetime; then requests ask Redis (or fail open)
+        if self._blocked.get(key) is not cached:
+            return  # changed here meanwhile (a probe's answer, an unblock): that is newer
+        now = self._clock()
+        if until is not None and probe is not None and now < float(until):
+            self._blocked[key] = (float(until), float(probe), now)
+        else:
+            self._blocked.pop(key, None)
+
+    async def record(self, rule: Rule, task_id: str, status: int) -> Outcome:
+        key = (rule.name, task_id)
+        if 200 <= status < 300:
+            kind = "ok"
+        elif status in rule.miss_statuses:
+            kind = "miss"
+        else:
+            kind = "other"
+        self._remember(rule)
+        now = self._clock()
+        args: list[str | float] = [
+            now, kind, task_id, rule.window, rule.threshold, rule.threshold_after_2xx,
+            rule.grace, rule.block_for, math.inf if rule.probe_every is None else rule.probe_every,
+            self._alive_ms,
+        ]  # fmt: skip
+        reply: list[str] = await self._call(lambda: self._record(keys=self._keys(*key), args=args))
+        state = _key_state(reply[4:]) if len(reply) > 4 else None
+        if state is not None and state.blocked_until:
+            self._blocked[key] = (state.blocked_until, state.next_probe, now)
+        else:
+            self._blocked.pop(key, None)
+        return Outcome(
+            state,
+            miss=reply[0] == "1",
+            blocked=reply[1] == "1",
+            unblocked=reply[2] == "1",
+            alive=reply[3] == "1",
+        )
+
+    async def blocks(self, rule: str | None = None) -> list[Block]:
+        names = [rule] if rule is not None else list(self._rules)
+        now = self._clock()
+
+        async def read() -> list[Block]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.zrangebyscore(self._index(name, "blocked"), f"({now!r}", "+inf")
+                listed: list[list[str]] = await pipe.execute()
+            pairs = zip(names, listed, strict=True)
+            ids = [(name, task_id) for name, found in pairs for task_id in found]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name, task_id in ids:
+                    pipe.hmget(self._keys(name, task_id)[0], "m", "b")
+                states: list[list[str | None]] = await pipe.execute()
+            found = []
+            for (name, task_id), (misses, until) in zip(ids, states, strict=True):
+                if misses is not None and until is not None and now < float(until):
+                    found.append(Block(name, task_id, int(misses), float(until)))
+            return found
+
+        return await self._call(read, ADMIN_TIMEOUT)
+
+    async def unblock(self, rule: str, task_id: str) -> bool:
+        self._blocked.pop((rule, task_id), None)
+        keys = self._keys(rule, task_id)
+        now = self._clock()
+        done: int = await self._call(
+            lambda: self._unblock(keys=[keys[0], keys[3]], args=[now, task_id]), ADMIN_TIMEOUT
+        )
+        return done == 1
+
+    async def stats(self) -> Stats:
+        names = list(self._rules)
+        now = self._clock()
+
+        async def read() -> list[int]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    for which in ("counting", "blocked"):
+                        pipe.zremrangebyscore(self._index(name, which), "-inf", now)
+                        pipe.zcard(self._index(name, which))
+                replies: list[int] = await pipe.execute()
+            return replies[1::2]
+
+        cards = await self._call(read, ADMIN_TIMEOUT)
+        counting, blocked = cards[0::2], cards[1::2]
+        return Stats(
+            tracked=sum(counting) + sum(blocked),
+            blocked={name: n for name, n in zip(names, blocked, strict=True) if n},
+        )
+
+    async def retain(self, rules: Collection[Rule]) -> None:
+        if self._warm:
+            await self._open_connections()
+        keep = {r.name: None for r in rules}
+        gone = [name for name in self._rules if name not in keep]
+        self._rules = keep
+        if not gone:
+            return
+        for key in [k for k in self._blocked if k[0] in gone]:
+            self._blocked.pop(key, None)
+        # StateError if Redis fails here: not fatal, every key of those rules expires by itself
+        await self._call(lambda: self._drop(gone), ADMIN_TIMEOUT)
+
+    async def _open_connections(self) -> None:
+        """Before the first request (Pollguard.start calls retain): connecting and loading
+        the scripts cost round trips that a burst of first polls would pay within 50 ms."""
+        count, self._warm = self._warm, 0
+
+        async def connect() -> None:
+            opened = [await self._pool.get_connection() for _ in range(count)]  # type: ignore[no-untyped-call]
+            for conn in opened:
+                await self._pool.release(conn)
+            for script in (self._admit, self._record, self._unblock):
+                await self._redis.script_load(script.script)
+
+        try:
+            await self._call(connect, ADMIN_TIMEOUT)
+        except StateError as exc:
+            log.warning(
+                "state store unavailable at start: failing open until it answers",
+                extra={"event": "state_error", "error": str(exc)},
+            )
+
+    async def _drop(self, rules: list[str]) -> None:
+        """Delete removed rules' keys, found through their indexes (never a keyspace scan)."""
+        for rule in rules:
+            indexes = [self._index(rule, "counting"), self._index(rule, "blocked")]
+            ids: set[str] = set()
+            for index in indexes:
+                ids.update(str(task_id) for task_id in await self._redis.zrange(index, 0, -1))
+            keys = [self._keys(rule, task_id)[0] for task_id in ids]
+            for i in range(0, len(keys), _CHUNK):
+                await self._redis.unlink(*keys[i : i + _CHUNK])
+            await self._redis.unlink(*indexes)
+
+    async def ping(self) -> None:
+        async def ping() -> None:
+            await self._redis.ping()
+
+        await self._call(ping)
+
+    async def close(self) -> None:
+        for task in list(self._refreshing.values()):
+            task.cancel()
+        await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
+        await self._redis.aclose()
+        await self._pool.aclose()
+
+
+def _key_state(fields: list[Any]) -> KeyState:
+    misses, first, last, until, probe = fields
+    return KeyState(int(misses), float(first), float(last), float(until), float(probe))

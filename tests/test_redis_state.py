@@ -1,0 +1,273 @@
+"""RedisState beyond the contract: replicas sharing one Redis, expiry, the local cache, failure."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from proxy.errors import ConfigError, StateError
+from proxy.guard import Action
+from proxy.state.circuit import Circuit
+from proxy.state.redis import RedisState
+from tests.conftest import MakeRedis
+from tests.processes import RedisServer, free_port
+from tests.support import FakeClock, rule_toml, ruleset
+
+RULE = ruleset(rule_toml(threshold=5, window="10m", block_for="1h", probe_every="5m")).rules[0]
+MakeState = Callable[..., RedisState]
+
+
+@pytest.fixture
+async def make_state(clock: FakeClock) -> AsyncIterator[MakeState]:
+    made: list[RedisState] = []
+
+    def make(url: str, **options: object) -> RedisState:
+        state = RedisState(url, clock=clock, **options)  # type: ignore[arg-type]
+        made.append(state)
+        return state
+
+    yield make
+    for state in made:
+        await state.close()
+
+
+@pytest.mark.parametrize("split", ["ABABA", "AAAAB", "BBBBA", "ABBBB"])
+async def test_replicas_block_after_the_fifth_miss_in_total(
+    redis_server: RedisServer, make_state: MakeState, split: str
+) -> None:
+    replicas = {"A": make_state(redis_server.url()), "B": make_state(redis_server.url())}
+    outcomes = [await replicas[r].record(RULE, "lost", 404) for r in split]
+    assert [o.blocked for o in outcomes] == [False] * 4 + [True]
+    assert [o.state.misses for o in outcomes if o.state] == [1, 2, 3, 4, 5]
+    for replica in replicas.values():
+        assert await replica.admit(RULE, "lost") is Action.BLOCK
+
+
+async def test_concurrent_misses_lose_no_increment(
+    redis_server: RedisServer, make_state: MakeState
+) -> None:
+    rule = ruleset(rule_toml(threshold=1000)).rules[0]
+    # Atomicity is the point here, not latency: on a busy 2-core machine 100 calls queued on
+    # one event loop may take longer than the 50 ms the request path allows.
+    replicas = [make_state(redis_server.url(), timeout=2.0) for _ in range(2)]
+    outcomes = await asyncio.gather(*(replicas[i % 2].record(rule, "hot", 404) for i in range(100)))
+    counts = sorted(o.state.misses for o in outcomes if o.state)
+    assert counts == list(range(1, 101))
+    assert redis_server.command("HGET", "pollguard:{task-status}:k:hot", "m") == "100"
+
+
+async def test_every_key_expires_on_its_own(
+    redis_server: RedisServer, make_state: MakeState
+) -> None:
+    state = make_state(redis_server.url(), alive_ttl=120)
+    await state.record(RULE, "counting", 404)
+    for _ in range(5):
+        await state.record(RULE, "blocked", 404)
+    await state.record(RULE, "alive", 200)
+
+    keys = redis_server.command("KEYS", "*")
+    assert sorted(keys) == sorted(
+        [
+            "pollguard:{task-status}:k:counting",
+            "pollguard:{task-status}:k:blocked",
+            "pollguard:{task-status}:a:alive",
+            "pollguard:{task-status}:counting",
+            "pollguard:{task-status}:blocked",
+        ]
+    )
+    ttl = {key: redis_server.command("PTTL", key) / 1000 for key in keys}
+    assert 599 < ttl["pollguard:{task-status}:k:counting"] <= 600  # window
+    assert 3599 < ttl["pollguard:{task-status}:k:blocked"] <= 3600  # block_for
+    assert 119 < ttl["pollguard:{task-status}:a:alive"] <= 120
+    assert 599 < ttl["pollguard:{task-status}:counting"] <= 600
+    assert 3599 < ttl["pollguard:{task-status}:blocked"] <= 3600
+
+
+async def test_repeat_polls_of_a_blocked_key_do_not_ask_redis(
+    redis_server: RedisServer, make_state: MakeState, clock: FakeClock
+) -> None:
+    state = make_state(redis_server.url())
+    for _ in range(5):
+        await state.record(RULE, "lost", 404)
+    before = redis_server.evalsha_calls()
+    for _ in range(1000):
+        assert await state.admit(RULE, "lost") is Action.BLOCK
+    assert redis_server.evalsha_calls() == before  # the block was cached when it began
+
+    clock.advance(1)  # the cached entry's lifetime
+    for _ in range(1000):
+        assert await state.admit(RULE, "lost") is Action.BLOCK
+    assert redis_server.evalsha_calls() == before + 1
+
+
+async def test_steady_polls_of_a_blocked_key_renew_the_cache_in_the_background(
+    redis_server: RedisServer, make_state: MakeState, clock: FakeClock
+) -> None:
+    a, b = make_state(redis_server.url()), make_state(redis_server.url())
+    for _ in range(5):
+        await a.record(RULE, "lost", 404)
+    assert await b.admit(RULE, "lost") is Action.BLOCK
+    before = redis_server.evalsha_calls()
+    for _ in range(40):  # 10 s of polls, 4 a second
+        clock.advance(0.25)
+        assert await b.admit(RULE, "lost") is Action.BLOCK
+        await asyncio.sleep(0.02)  # the background re-read
+    assert redis_server.evalsha_calls() == before  # no request waited on Redis
+
+    assert await a.unblock("task-status", "lost") is True
+    clock.advance(0.5)
+    assert await b.admit(RULE, "lost") is Action.BLOCK  # from the cache; re-read starts
+    await asyncio.sleep(0.1)
+    assert await b.admit(RULE, "lost") is Action.FORWARD  # within the cache lifetime
+
+
+async def test_an_unblock_holds_on_every_replica_within_the_cache_lifetime(
+    redis_server: RedisServer, make_state: MakeState, clock: FakeClock
+) -> None:
+    a, b = make_state(redis_server.url()), make_state(redis_server.url())
+    for _ in range(5):
+        await a.record(RULE, "lost", 404)
+    assert await b.admit(RULE, "lost") is Action.BLOCK  # now cached on b too
+
+    assert await a.unblock("task-status", "lost") is True
+    assert await a.admit(RULE, "lost") is Action.FORWARD
+    assert await b.admit(RULE, "lost") is Action.BLOCK  # b's cache, for at most a second
+    clock.advance(1)
+    assert await b.admit(RULE, "lost") is Action.FORWARD
+    assert await b.blocks() == []
+
+
+async def test_one_probe_across_replicas(
+    redis_server: RedisServer, make_state: MakeState, clock: FakeClock
+) -> None:
+    replicas = [make_state(redis_server.url()) for _ in range(3)]
+    for _ in range(5):
+        await replicas[0].record(RULE, "lost", 404)
+    for r in replicas:
+        assert await r.admit(RULE, "lost") is Action.BLOCK
+    clock.advance(300)
+    actions = [await r.admit(RULE, "lost") for r in replicas for _ in range(3)]
+    assert actions.count(Action.PROBE) == 1
+    # every replica learned the next probe time from Redis: no further calls for a while
+    before = redis_server.evalsha_calls()
+    for r in replicas:
+        assert await r.admit(RULE, "lost") is Action.BLOCK
+    assert redis_server.evalsha_calls() == before
+
+
+async def test_unreachable_redis_fails_fast_and_opens_the_circuit(make_state: MakeState) -> None:
+    state = make_state(f"redis://127.0.0.1:{free_port()}/0")
+    started = time.perf_counter()
+    with pytest.raises(StateError, match=r"redis at redis://127\.0\.0\.1"):
+        await state.admit(RULE, "t")
+    with pytest.raises(StateError, match="next try in"):
+        await state.record(RULE, "t", 404)  # not even tried: the circuit is open
+    with pytest.raises(StateError):
+        await state.ping()
+    assert time.perf_counter() - started < 0.2
+
+
+async def test_a_paused_redis_costs_one_timeout_then_recovers_by_itself(
+    make_redis: MakeRedis, make_state: MakeState
+) -> None:
+    server = make_redis()
+    state = make_state(server.url())
+    await state.ping()
+    server.command("CLIENT", "PAUSE", "600", "ALL")
+    started = time.perf_counter()
+    with pytest.raises(StateError, match="no answer within 50 ms"):
+        await state.record(RULE, "t", 404)
+    assert time.perf_counter() - started < 0.15
+    started = time.perf_counter()
+    for _ in range(100):
+        with pytest.raises(StateError):
+            await state.admit(RULE, "t")
+    assert time.perf_counter() - started < 0.05  # the circuit answers, Redis is not asked
+
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            await state.ping()
+            break
+        except StateError:
+            assert time.monotonic() < deadline, "no recovery within 5 s of the pause ending"
+            await asyncio.sleep(0.05)
+    assert (await state.record(RULE, "t", 404)).miss
+
+
+async def test_a_restarted_redis_is_used_again_without_a_restart(
+    make_redis: MakeRedis, make_state: MakeState
+) -> None:
+    server = make_redis()
+    state = make_state(server.url())
+    assert (await state.record(RULE, "t", 404)).miss
+    server.kill()
+    with pytest.raises(StateError):
+        await state.record(RULE, "t", 404)
+    server.start()
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            out = await state.record(RULE, "t", 404)  # the scripts are loaded again on NOSCRIPT
+            break
+        except StateError:
+            assert time.monotonic() < deadline, "no recovery within 5 s of the restart"
+            await asyncio.sleep(0.05)
+    assert out.state is not None and out.state.misses == 1  # a fresh Redis: a fresh count
+
+
+async def test_password_in_the_url(make_redis: MakeRedis, make_state: MakeState) -> None:
+    server = make_redis("--requirepass", "s3cret")
+    assert (await make_state(server.url()).record(RULE, "t", 404)).miss
+    wrong = make_state(f"redis://:nope@127.0.0.1:{server.port}/0")
+    with pytest.raises(StateError) as raised:
+        await wrong.ping()
+    assert "nope" not in str(raised.value)
+    assert ":***@" in str(raised.value)
+
+
+def test_urls_are_checked_when_the_store_is_made() -> None:
+    with pytest.raises(ConfigError, match="--state"):
+        RedisState("redis://127.0.0.1:notaport/0")
+    with pytest.raises(ConfigError, match="--state"):
+        RedisState("redis://127.0.0.1:6379/notadb")
+
+
+async def test_rediss_speaks_tls() -> None:
+    from redis.asyncio.connection import SSLConnection
+
+    state = RedisState("rediss://:pw@127.0.0.1:6380/2")
+    try:
+        assert state._pool.connection_class is SSLConnection
+        assert state._pool.connection_kwargs["db"] == 2
+        assert state._pool.connection_kwargs["password"] == "pw"
+    finally:
+        await state.close()
+
+
+def test_the_circuit_lets_one_trial_through_and_backs_off_longer_while_trials_fail() -> None:
+    now = [0.0]
+    circuit = Circuit(timer=lambda: now[0])
+    assert circuit.allow()
+    assert circuit.failed(trial=False) is True  # opened
+    assert circuit.failed(trial=False) is False  # calls in flight change nothing
+    assert not circuit.allow()
+    now[0] = 0.25
+    assert circuit.allow()  # the trial
+    assert not circuit.allow()  # only one
+    circuit.abandoned(trial=True)  # a client hung up on it
+    assert circuit.allow()
+    circuit.failed(trial=True)
+    now[0] += 0.49
+    assert not circuit.allow()  # doubled: 0.5 s
+    now[0] += 0.01
+    assert circuit.allow()
+    for _ in range(5):
+        circuit.failed(trial=True)
+        now[0] += 2.0  # never longer than 2 s
+        assert circuit.allow()
+    assert circuit.succeeded() is True
+    assert circuit.allow() and circuit.allow()
