@@ -162,10 +162,12 @@ def test_every_format_gz_and_plain_replay_alike(tmp_path: Path) -> None:
 
 
 def test_stdin_plain_and_gzip_through_the_real_cli(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(rule_toml())
     lines = seed_polls("t1", [404] * 7)
     data = ("\n".join(lines) + "\n").encode()
     for stdin in (data, gzip.compress(data)):
-        done = cli("replay", "-", "--json", stdin=stdin)
+        done = cli("replay", "-", "--rules", str(rules), "--json", stdin=stdin)
         assert done.returncode == 0, done.stderr
         report = json.loads(done.stdout)
         assert report["lines"] == 7
@@ -193,8 +195,10 @@ def test_json_is_the_spec_shape(tmp_path: Path) -> None:
 
 
 def test_text_report_for_people(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(rule_toml())
     log = write(tmp_path / "a.log", seed_polls("t1", [404] * 8))
-    done = cli("replay", str(log), "--rules", str(ROOT / "rules"))
+    done = cli("replay", str(log), "--rules", str(rules))
     assert done.returncode == 0, done.stderr
     text = done.stdout.decode()
     assert "Replayed 8 lines" in text
