@@ -90,9 +90,9 @@ class LogReader:
             for block in _line_blocks(self.stream):
                 records: list[Record] = []
                 add = records.append
+                if block and max(map(len, block)) > MAX_LINE:
+                    block = [line[:MAX_LINE] for line in block]
                 for line in block:
-                    if len(line) > MAX_LINE:
-                        line = line[:MAX_LINE]
                     m = fast(line) or escaped(line)
                     if m is None:
                         continue

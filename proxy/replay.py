@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ TUNABLE = (
 )  # fmt: skip
 _BLOCK = Action.BLOCK
 MEMO_SIZE = 65_536  # request lines whose match is remembered
+_UNSEEN: Any = object()
 
 
 @dataclass(slots=True)
@@ -85,11 +86,8 @@ class Engine:
         *,
         max_keys: int,
         label: str = "",
-        trace: bool = False,
     ) -> None:
         self.label = label
-        # every decision, in order, when asked for (tests hold them against the live proxy)
-        self.trace: list[tuple[str, str, Action]] | None = [] if trace else None
         self.rules = rules
         self.state = MemoryState(max_keys=max_keys, clock=clock)
         self.counts = {r.name: RuleCounts() for r in rules.rules}
@@ -101,8 +99,6 @@ class Engine:
         """One logged request the matcher put under rule `name`; returns what pollguard does."""
         rule, counts = self._by_name[name]
         action = self._admit(rule, task_id)
-        if self.trace is not None:
-            self.trace.append((name, task_id, action))
         if action is _BLOCK:
             # enforce answers it; observe forwards it but keeps it out of the state too
             counts.avoided += 1
@@ -114,6 +110,19 @@ class Engine:
         if out.blocked and out.state is not None:
             counts.keys_blocked += 1
             counts.to_block.append((now - out.state.first_miss, out.state.misses))
+        return action
+
+
+class TracingEngine(Engine):
+    """An Engine that keeps every decision, in order (tests hold them against the live proxy)."""
+
+    def __init__(self, rules: RuleSet, clock: LogClock, *, max_keys: int) -> None:
+        super().__init__(rules, clock, max_keys=max_keys)
+        self.trace: list[tuple[str, str, Action]] = []
+
+    def feed(self, name: str, task_id: str, status: int, now: float) -> Action:
+        action = super().feed(name, task_id, status, now)
+        self.trace.append((name, task_id, action))
         return action
 
 
@@ -154,7 +163,8 @@ def replay(
     if not logs:
         raise ConfigError("no log to replay")
     clock = LogClock()
-    engines = [Engine(rules, clock, max_keys=max_keys, trace=trace)]
+    first = TracingEngine if trace else Engine
+    engines = [first(rules, clock, max_keys=max_keys)]
     engines += [Engine(vary(rules, t), clock, max_keys=max_keys, label=t) for t in tries]
     matcher = Matcher(rules.rules)
     readers = []
@@ -167,21 +177,25 @@ def replay(
         # Several logs merge by time: rotated files can come in any order
         # (access.log access.log.1 ...), and replicas' logs interleave.
         blocks = readers[0].blocks() if len(readers) == 1 else [heapq.merge(*readers)]
-        match = _memo(matcher)
+        # matcher.match per distinct request line only: a log repeats each poll many times
+        seen: dict[bytes, tuple[str, str] | None] = {}
         single = engines[0].feed if len(engines) == 1 else None
+        now = clock.now
         try:
             for records in blocks:
                 for when, request, status in records:
-                    if when > clock.now:
-                        clock.now = when
-                    hit = match(request)
+                    if when > now:
+                        now = clock.now = when
+                    hit = seen.get(request, _UNSEEN)
+                    if hit is _UNSEEN:
+                        hit = _match(matcher, request, seen)
                     if hit is None:
                         continue
                     if single is not None:
-                        single(hit[0], hit[1], status, clock.now)
+                        single(hit[0], hit[1], status, now)
                         continue
                     for engine in engines:
-                        engine.feed(hit[0], hit[1], status, clock.now)
+                        engine.feed(hit[0], hit[1], status, now)
         except UnreadableLog as exc:
             raise ConfigError(str(exc)) from None
     tally = Tally(
@@ -193,23 +207,16 @@ def replay(
     return Result(tally, tuple(engines))
 
 
-def _memo(matcher: Matcher) -> Callable[[bytes], tuple[str, str] | None]:
-    """matcher.match for a logged request line, remembered: a log repeats each poll many times."""
-    seen: dict[bytes, tuple[str, str] | None] = {}
-
-    def match(request: bytes) -> tuple[str, str] | None:
-        try:
-            return seen[request]
-        except KeyError:
-            pass
-        split = split_request(request)
-        hit = matcher.match(*split) if split is not None else None
-        if len(seen) >= MEMO_SIZE:
-            seen.clear()
-        seen[request] = found = (hit[0].name, hit[1]) if hit is not None else None
-        return found
-
-    return match
+def _match(
+    matcher: Matcher, request: bytes, seen: dict[bytes, tuple[str, str] | None]
+) -> tuple[str, str] | None:
+    """(rule name, task id) for a logged request line, remembered in `seen`."""
+    split = split_request(request)
+    hit = matcher.match(*split) if split is not None else None
+    if len(seen) >= MEMO_SIZE:
+        seen.clear()
+    seen[request] = found = (hit[0].name, hit[1]) if hit is not None else None
+    return found
 
 
 def vary(rules: RuleSet, text: str) -> RuleSet:

@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy.errors import ConfigError
 from proxy.guard import Action
 from proxy.logformats import parse_line
-from proxy.replay import replay
+from proxy.replay import TracingEngine, replay
 from proxy.replay_report import to_json
 from proxy.rules import load_rules
 from tests.conftest import StartPollguard
@@ -418,8 +418,9 @@ async def test_replay_agrees_with_the_live_proxy(
     log = write(tmp_path / "access.log", lines)
 
     result = replay([str(log)], rules, trace=True)
-    trace = result.engines[0].trace
-    assert trace is not None
+    engine = result.engines[0]
+    assert isinstance(engine, TracingEngine)
+    trace = engine.trace
     assert [rule for rule, _, _ in trace] == [rule for rule, _, _ in live]
     enforce_live = [b for rule, b, _ in live if rule == "task-status"]
     enforce_replay = [a is Action.BLOCK for rule, _, a in trace if rule == "task-status"]
