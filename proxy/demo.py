@@ -28,9 +28,10 @@ from yarl import URL
 
 from proxy.errors import ConfigError, RulesError
 from proxy.matching import Matcher
-from proxy.rules import RuleSet, load_rules, parse_rules
+from proxy.rules import Rule, RuleSet, load_rules, parse_rules
 from proxy.sample_backend import SampleBackend
 from proxy.settings import Address, Settings
+from proxy.units import format_duration
 
 SPEEDUP = 10.0  # the demo's second is ten of the app's
 POLL_EVERY = 3.0  # app seconds between polls, as in the seed's app
@@ -185,8 +186,10 @@ async def _client(
         return
     first_miss: float | None = None
     polls_since = 0
-    while loop.time() + POLL_EVERY / SPEEDUP < deadline:
-        await asyncio.sleep(POLL_EVERY / SPEEDUP)
+    pause = 0.0  # the progress page polls at once, then every 3 s
+    while loop.time() + pause < deadline:
+        await asyncio.sleep(pause)
+        pause = POLL_EVERY / SPEEDUP
         try:
             async with session.get(f"{side.base}/test/status/{task_id}") as resp:
                 body = await resp.read()
@@ -240,10 +243,18 @@ def _intro(
         f"  with pollguard:    clients -> pollguard {guarded.base} -> sample backend "
         f"{guarded.backend_url}\n"
         f"  pollguard's metrics while it runs: {metrics_url}\n"
-        f"  rules: {', '.join(rules.sources)} ({rule.name}: {rule.threshold} misses block)\n",
+        f"  rules: {', '.join(rules.sources)}\n    ({_describe(rule)})\n",
         file=out,
         flush=True,
     )
+
+
+def _describe(rule: Rule) -> str:
+    says = f"{rule.name}: stops a task after {rule.threshold_after_2xx} misses in a row"
+    if rule.threshold_after_2xx == rule.threshold and not rule.grace:
+        return says
+    grace = f" and {format_duration(rule.grace)}" if rule.grace else ""
+    return f"{says} if it was seen alive, else after {rule.threshold}{grace}"
 
 
 def _report(out: TextIO, plain: Side, guarded: Side, metrics: str) -> None:
