@@ -143,7 +143,7 @@ async def _demo(
         arrivals = sorted(rng.uniform(0, 0.6 * seconds) for _ in range(n_clients))
         deadline = t0 + seconds
         tasks = [
-            asyncio.ensure_future(_client(session, side, t0 + at, deadline))
+            asyncio.create_task(_client(session, side, t0 + at, deadline))
             for side in (plain, guarded)
             for at in arrivals
         ]

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +138,9 @@ def test_backend_only_serves_until_sigterm(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         assert proc.stderr is not None
-        banner = proc.stderr.readline()
-        port = int(re.search(r"127\.0\.0\.1:(\d+)", banner).group(1))  # type: ignore[union-attr]
-        import urllib.request
-
+        banner = re.search(r"127\.0\.0\.1:(\d+)", proc.stderr.readline())
+        assert banner is not None
+        port = int(banner.group(1))
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/test/status/x", timeout=5) as resp:
             assert resp.status == 200
     finally:
