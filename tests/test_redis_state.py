@@ -271,3 +271,26 @@ def test_the_circuit_lets_one_trial_through_and_backs_off_longer_while_trials_fa
         assert circuit.allow()
     assert circuit.succeeded() is True
     assert circuit.allow() and circuit.allow()
+
+
+async def test_a_live_poll_costs_one_round_trip_and_a_2xx_still_resets_a_count(
+    redis_server: RedisServer, make_state: MakeState, clock: FakeClock
+) -> None:
+    state = make_state(redis_server.url())
+    assert await state.admit(RULE, "live") is Action.FORWARD
+    assert (await state.record(RULE, "live", 200)).alive  # the first 2xx marks it seen alive
+    before = redis_server.evalsha_calls()
+    for _ in range(10):
+        clock.advance(3)
+        assert await state.admit(RULE, "live") is Action.FORWARD
+        out = await state.record(RULE, "live", 200)
+        assert out.alive and out.state is None and not out.unblocked
+    assert redis_server.evalsha_calls() == before + 10  # the admits; the 2xx had nothing to write
+
+    other = make_state(redis_server.url())  # a replica counts a miss for the key
+    await other.record(RULE, "live", 404)
+    assert await state.admit(RULE, "live") is Action.FORWARD  # sees the count
+    before = redis_server.evalsha_calls()
+    await state.record(RULE, "live", 200)
+    assert redis_server.evalsha_calls() == before + 1  # so the 2xx goes to Redis
+    assert (await state.stats()).tracked == 0  # and reset it

@@ -5,15 +5,18 @@
 -- ARGV[1]  now (the caller's clock, seconds)
 -- ARGV[2]  probe_every in seconds, "inf" when off
 --
--- Returns {"forward"} | {"block", blocked_until, next_probe} | {"probe", blocked_until, next_probe}
+-- Returns {"forward", counted} | {"block", blocked_until, next_probe}
+--       | {"probe", blocked_until, next_probe}
+-- where counted is "1" when the key has a state hash at all (a 2xx must then reach
+-- record.lua to reset it), "0" when there is nothing a 2xx could reset.
 
 local now = tonumber(ARGV[1])
-local v = redis.call('HMGET', KEYS[1], 'b', 'p')
+local v = redis.call('HMGET', KEYS[1], 'b', 'p', 'm')
 local b = tonumber(v[1] or '0')
 
 -- guard.current(): a finished block leaves nothing behind; a mere count is never blocked
 if b == 0 or not (now < b) then
-  return {'forward'}
+  return {'forward', v[3] and '1' or '0'}
 end
 
 local p = tonumber(v[2])

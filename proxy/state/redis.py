@@ -115,6 +115,14 @@ class RedisState:
         # on, so a steady stream of blocked polls never waits on Redis, and an unblock on
         # another replica still shows here within the lifetime.
         self._refresh_after = cache_ttl / 2
+        # A live poll costs one round trip, not two: when this process's admit found nothing
+        # a 2xx could reset, and it set the key's seen-alive flag lately, the 2xx that
+        # follows has nothing to write. (admit found "clean" at most a cache lifetime ago;
+        # the flag is renewed at half its lifetime.)
+        self._clean: TTLCache[Key, bool] = TTLCache(maxsize=cache_size, ttl=cache_ttl, timer=clock)
+        self._alive_marked: TTLCache[Key, bool] = TTLCache(
+            maxsize=cache_size, ttl=alive_ttl / 2, timer=clock
+        )
         self._refreshing: dict[Key, asyncio.Task[None]] = {}
         self._rules: dict[str, None] = {}  # rule names this process knows, in order
         self._warm = min(warm_connections, max_connections)
@@ -179,6 +187,8 @@ class RedisState:
         action = _ACTIONS[reply[0]]
         if action is Action.FORWARD:
             self._blocked.pop(key, None)
+            if reply[1] == "0":
+                self._clean[key] = True
         else:
             self._blocked[key] = (float(reply[1]), float(reply[2]), now)
         return action
@@ -206,6 +216,8 @@ class RedisState:
         key = (rule.name, task_id)
         if 200 <= status < 300:
             kind = "ok"
+            if self._clean.pop(key, False) and key in self._alive_marked:
+                return Outcome(None, alive=True)  # guard.record(None, ..., 2xx): nothing to write
         elif status in rule.miss_statuses:
             kind = "miss"
         else:
@@ -217,7 +229,10 @@ class RedisState:
             rule.grace, rule.block_for, math.inf if rule.probe_every is None else rule.probe_every,
             self._alive_ms,
         ]  # fmt: skip
+        self._clean.pop(key, None)
         reply: list[str] = await self._call(lambda: self._record(keys=self._keys(*key), args=args))
+        if kind == "ok":
+            self._alive_marked[key] = True
         state = _key_state(reply[4:]) if len(reply) > 4 else None
         if state is not None and state.blocked_until:
             self._blocked[key] = (state.blocked_until, state.next_probe, now)
@@ -291,8 +306,9 @@ class RedisState:
         self._rules = keep
         if not gone:
             return
-        for key in [k for k in self._blocked if k[0] in gone]:
-            self._blocked.pop(key, None)
+        for cache in (self._blocked, self._clean, self._alive_marked):
+            for key in [k for k in cache if k[0] in gone]:
+                cache.pop(key, None)
         # StateError if Redis fails here: not fatal, every key of those rules expires by itself
         await self._call(lambda: self._drop(gone), ADMIN_TIMEOUT)
 
