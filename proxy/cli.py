@@ -132,7 +132,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from proxy.replay_report import render, to_json
 
     rules = load_rules(args.rules)
-    result = replay(args.logs, rules, tries=args.tries, max_keys=int(args.max_keys))
+    result = replay(args.logs, rules, tries=args.tries, max_keys=args.max_keys)
     if args.json:
         print(json.dumps(to_json(result)))
     else:
