@@ -54,6 +54,10 @@ class Outcome:
     alive: bool = False  # the answer was 2xx: remember the key as seen alive
 
 
+# The answer to most requests (a live task's 2xx), made once: Outcome is immutable.
+_SEEN_ALIVE = Outcome(None, alive=True)
+
+
 def current(state: KeyState | None, rule: Rule, now: float) -> KeyState | None:
     """The state as of `now`: a finished block or a lapsed window leaves nothing behind."""
     if state is None:
@@ -86,8 +90,9 @@ def record(state: KeyState | None, rule: Rule, now: float, status: int, *, alive
     applies and `grace` does not.
     """
     if 200 <= status < 300:
-        was_blocked = state is not None and state.blocked(now)
-        return Outcome(None, unblocked=was_blocked, alive=True)
+        if state is None:
+            return _SEEN_ALIVE
+        return Outcome(None, unblocked=state.blocked(now), alive=True)
     state = current(state, rule, now)
     if status not in rule.miss_statuses:
         return Outcome(state)
