@@ -273,24 +273,44 @@ def test_the_circuit_lets_one_trial_through_and_backs_off_longer_while_trials_fa
     assert circuit.allow() and circuit.allow()
 
 
-async def test_a_live_poll_costs_one_round_trip_and_a_2xx_still_resets_a_count(
+async def test_a_live_poll_costs_one_round_trip_at_most_and_a_2xx_still_resets_a_count(
     redis_server: RedisServer, make_state: MakeState, clock: FakeClock
 ) -> None:
     state = make_state(redis_server.url())
     assert await state.admit(RULE, "live") is Action.FORWARD
     assert (await state.record(RULE, "live", 200)).alive  # the first 2xx marks it seen alive
     before = redis_server.evalsha_calls()
-    for _ in range(10):
+    for _ in range(10):  # the seed's cadence: each poll finds the local view lapsed
         clock.advance(3)
         assert await state.admit(RULE, "live") is Action.FORWARD
         out = await state.record(RULE, "live", 200)
         assert out.alive and out.state is None and not out.unblocked
     assert redis_server.evalsha_calls() == before + 10  # the admits; the 2xx had nothing to write
+    before = redis_server.evalsha_calls()
+    for _ in range(10):  # polled faster than the local view's lifetime: no round trip at all
+        clock.advance(0.05)
+        assert await state.admit(RULE, "live") is Action.FORWARD
+        assert (await state.record(RULE, "live", 200)).alive
+    assert redis_server.evalsha_calls() == before
 
     other = make_state(redis_server.url())  # a replica counts a miss for the key
     await other.record(RULE, "live", 404)
-    assert await state.admit(RULE, "live") is Action.FORWARD  # sees the count
+    clock.advance(1)  # within the local view's lifetime (1 s), this replica may not see it yet
+    assert await state.admit(RULE, "live") is Action.FORWARD  # asks Redis, sees the count
     before = redis_server.evalsha_calls()
     await state.record(RULE, "live", 200)
     assert redis_server.evalsha_calls() == before + 1  # so the 2xx goes to Redis
-    assert (await state.stats()).tracked == 0  # and reset it
+    assert (await state.stats()).tracked == 0  # and resets it
+
+
+async def test_another_replicas_block_on_a_live_key_holds_here_within_the_lifetime(
+    redis_server: RedisServer, make_state: MakeState, clock: FakeClock
+) -> None:
+    rule = ruleset(rule_toml(threshold=1, threshold_after_2xx=1)).rules[0]
+    a, b = make_state(redis_server.url()), make_state(redis_server.url())
+    assert await b.admit(rule, "t") is Action.FORWARD  # b's view: clean
+    await b.record(rule, "t", 200)
+    assert (await a.record(rule, "t", 404)).blocked  # a blocks it on one miss
+    assert await b.admit(rule, "t") is Action.FORWARD  # b's view has not lapsed yet
+    clock.advance(1)
+    assert await b.admit(rule, "t") is Action.BLOCK

@@ -115,10 +115,13 @@ class RedisState:
         # on, so a steady stream of blocked polls never waits on Redis, and an unblock on
         # another replica still shows here within the lifetime.
         self._refresh_after = cache_ttl / 2
-        # A live poll costs one round trip, not two: when this process's admit found nothing
-        # a 2xx could reset, and it set the key's seen-alive flag lately, the 2xx that
-        # follows has nothing to write. (admit found "clean" at most a cache lifetime ago;
-        # the flag is renewed at half its lifetime.)
+        # Keys Redis showed "clean" (no count, no block) within the cache lifetime: a live
+        # task's poll. Such a key is admitted without asking, as a blocked one is blocked
+        # without asking; another replica's block on it shows here within the lifetime.
+        # Keys with a count always ask (they are the ones a block is near for). And when
+        # this process set the key's seen-alive flag lately (renewed at half its lifetime),
+        # a 2xx on a clean key has nothing to write either: a live poll costs no round
+        # trip while polled within the lifetime, one otherwise, never two.
         self._clean: TTLCache[Key, bool] = TTLCache(maxsize=cache_size, ttl=cache_ttl, timer=clock)
         self._alive_marked: TTLCache[Key, bool] = TTLCache(
             maxsize=cache_size, ttl=alive_ttl / 2, timer=clock
@@ -170,6 +173,8 @@ class RedisState:
 
     async def admit(self, rule: Rule, task_id: str) -> Action:
         key = (rule.name, task_id)
+        if key in self._clean:
+            return Action.FORWARD
         now = self._clock()
         cached = self._blocked.get(key)
         if cached is not None:
@@ -190,6 +195,7 @@ class RedisState:
             if reply[1] == "0":
                 self._clean[key] = True
         else:
+            self._clean.pop(key, None)
             self._blocked[key] = (float(reply[1]), float(reply[2]), now)
         return action
 
@@ -216,7 +222,7 @@ class RedisState:
         key = (rule.name, task_id)
         if 200 <= status < 300:
             kind = "ok"
-            if self._clean.pop(key, False) and key in self._alive_marked:
+            if key in self._clean and key in self._alive_marked:
                 return Outcome(None, alive=True)  # guard.record(None, ..., 2xx): nothing to write
         elif status in rule.miss_statuses:
             kind = "miss"
@@ -238,6 +244,8 @@ class RedisState:
             self._blocked[key] = (state.blocked_until, state.next_probe, now)
         else:
             self._blocked.pop(key, None)
+            if state is None:
+                self._clean[key] = True
         return Outcome(
             state,
             miss=reply[0] == "1",

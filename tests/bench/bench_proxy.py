@@ -79,14 +79,18 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 @contextmanager
 def process(
-    argv: list[str], port: int, env: dict[str, str] | None = None
+    argv: list[str],
+    port: int,
+    env: dict[str, str] | None = None,
+    start_timeout: float = 15.0,
+    stop_timeout: float = 10.0,
 ) -> Iterator[subprocess.Popen[bytes]]:
     # pollguard's event log would interleave with the table: keep it aside, show it on failure
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
         try:
             try:
-                wait_port(port)
+                wait_port(port, start_timeout)
             except TimeoutError:
                 proc.kill()
                 proc.wait()
@@ -96,7 +100,7 @@ def process(
         finally:
             proc.terminate()
             try:
-                proc.wait(10)
+                proc.wait(stop_timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
