@@ -272,7 +272,7 @@ class _RuleReader:
     def _positive_int(self, key: str, default: int) -> int:
         value = self.raw.get(key, default)
         if not _is_int(value) or value < 1:
-            self.fail(key, f"must be an integer >= 1, got {value!r}")
+            self.fail(key, f"must be a positive integer, got {value!r}")
             return 1
         return int(value)
 

@@ -42,7 +42,7 @@ def test_check_lists_every_error_and_exits_1(tmp_path: Path) -> None:
     lines = done.stderr.splitlines()
     assert lines == [
         f"{tmp_path}/a.toml: rule \"task-status\": unknown key 'treshold' (did you mean 'threshold'?)",
-        f'{tmp_path}/a.toml: rule "task-status": threshold: must be an integer >= 1, got 0',
+        f'{tmp_path}/a.toml: rule "task-status": threshold: must be a positive integer, got 0',
         lines[2],
     ]
     assert lines[2].startswith(f"{tmp_path}/b.toml: invalid TOML:")
@@ -120,8 +120,8 @@ def test_serve_refuses_bad_rules_with_one_line(tmp_path: Path) -> None:
     done = run_cli("serve", "--upstream", "http://127.0.0.1:5000", "--rules", str(tmp_path))
     assert done.returncode == 2
     assert done.stderr == (
-        f'pollguard serve: {tmp_path}/r.toml: rule "task-status": threshold: must be an integer'
-        " >= 1, got 0 (and 1 more: run pollguard check)\n"
+        f'pollguard serve: {tmp_path}/r.toml: rule "task-status": threshold: must be a positive'
+        " integer, got 0 (and 1 more: run pollguard check)\n"
     )
 
 

@@ -184,7 +184,7 @@ async def test_an_invalid_set_changes_nothing_and_answers_every_error(
             "(did you mean 'threshold'?)",
             f'{rules_dir.path}/extra.toml: rule "x": path: must contain {{task_id}} exactly '
             "once, as a whole segment, got '/x/{id}'",
-            f'{rules_dir.path}/status.toml: rule "other": threshold: must be an integer >= 1, '
+            f'{rules_dir.path}/status.toml: rule "other": threshold: must be a positive integer, '
             "got 0",
         ]
     }
@@ -407,6 +407,6 @@ async def test_sighup_reloads_a_running_pollguard_serve(
     [failed] = events_of(proc, "rules_reload_failed")
     assert failed["trigger"] == "SIGHUP"
     assert failed["errors"] == [
-        f'{rules_dir.path}/status.toml: rule "task-status": threshold: must be an integer >= 1, '
+        f'{rules_dir.path}/status.toml: rule "task-status": threshold: must be a positive integer, '
         "got 0"
     ]

@@ -75,12 +75,12 @@ def test_body_fills_the_task_id_json_escaped() -> None:
     [
         pytest.param(
             {"threshold": 0},
-            f"{WHERE}: threshold: must be an integer >= 1, got 0",
+            f"{WHERE}: threshold: must be a positive integer, got 0",
             id="threshold-zero",
         ),
         pytest.param(
             {"threshold": True},
-            f"{WHERE}: threshold: must be an integer >= 1, got True",
+            f"{WHERE}: threshold: must be a positive integer, got True",
             id="threshold-bool",
         ),
         pytest.param(

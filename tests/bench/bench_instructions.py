@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,15 +25,18 @@ from pathlib import Path
 from bench_proxy import BENCH_RULES, HERE, LIVE, LOST, REPO, free_port, process, redis_server
 
 BASE = 10
+NEW = "/test/status/live-{i}"  # every request a task pollguard has not seen: no local view
 
 
 def serve(port: int, path: str, requests: int) -> None:
     """`requests` GETs of `path`, one at a time on one keep-alive connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
         reader = sock.makefile("rb")
-        request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
-        for _ in range(requests):
-            sock.sendall(request)
+        for i in range(requests):
+            # "{i}" in the path: a new key each request (a task never seen before)
+            sock.sendall(
+                f"GET {path.replace('{i}', str(i))} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+            )
             head = b""
             while not head.endswith(b"\r\n\r\n"):
                 head += reader.readline()
@@ -90,6 +92,7 @@ def main() -> None:
             ("forwarder", "pollguard's Forwarder alone", [py, "forwarder-only", "{port}", upstream], LIVE, None),
             ("pg", "pollguard, memory, access log on", pollguard("memory://", str(tmp / "a.log")), LIVE, None),
             ("pg-nolog", "pollguard, memory, access log off", pollguard("memory://", "off"), LIVE, None),
+            ("pg-new", "pollguard, memory, a new live task each", pollguard("memory://", str(tmp / "e.log")), NEW, None),
             ("canned", "bare aiohttp handler, the 410 bytes", [py, "canned-410", "{port}"], LOST, None),
             ("pg-blocked", "pollguard blocked, access log on", pollguard("memory://", str(tmp / "b.log")), LOST, LOST),
             ("pg-blocked-nolog", "pollguard blocked, access log off", pollguard("memory://", "off"), LOST, LOST),
@@ -102,6 +105,7 @@ def main() -> None:
                     url = f"redis://127.0.0.1:{redis_port}/0"
                     rows += [
                         ("pg-redis", "pollguard, redis, access log on", pollguard(url, str(tmp / "c.log")), LIVE, None),
+                        ("pg-redis-new", "pollguard, redis, a new live task each", pollguard(url, str(tmp / "f.log")), NEW, None),
                         ("pg-blocked-redis", "pollguard blocked, redis", pollguard(url, str(tmp / "d.log")), LOST, LOST),
                     ]  # fmt: skip
                     measure_rows(rows, results, args.requests, tmp)
