@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import pytest
 from yarl import URL
 
 from proxy.app import Pollguard
-from proxy.rules import RuleSet
+from proxy.rules import RuleSet, load_rules
 from proxy.settings import Address, Settings
 from proxy.state import StateStore
+from proxy.state.memory import MemoryState
+from proxy.state.redis import RedisState
 from tests.processes import RedisServer
 from tests.support import FakeClock, Upstream, require_tool, ruleset
 
@@ -38,6 +40,10 @@ class Running:
 StartPollguard = Callable[..., Awaitable[Running]]
 
 
+class MakeStore(Protocol):
+    def __call__(self, *, fresh: bool = False) -> StateStore: ...
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
@@ -56,18 +62,22 @@ async def start_pollguard(upstream: Upstream, clock: FakeClock) -> AsyncIterator
     started: list[Pollguard] = []
 
     async def start(
-        rules: RuleSet | None = None,
+        rules: RuleSet | Path | None = None,
         *,
         state: StateStore | None = None,
         upstream_url: str | None = None,
         **settings: Any,
     ) -> Running:
+        """`rules` as a RuleSet, or as the folder --rules names (what a reload reads)."""
         base = Settings(
             upstream=URL(upstream_url or upstream.url),
             listen=Address("127.0.0.1", 0),
             admin_listen=Address("127.0.0.1", 0),
             access_log="off",
         )
+        if isinstance(rules, Path):
+            base = replace(base, rules=rules)
+            rules = load_rules(rules)
         pg = Pollguard(replace(base, **settings), rules or ruleset(), state=state, clock=clock)
         await pg.start()
         started.append(pg)
@@ -122,3 +132,28 @@ def make_redis(tmp_path: Path) -> Iterator[MakeRedis]:
     yield make
     for server in made:
         server.kill()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[MakeStore]:
+    """State stores on the test's clock, one test per store kind.
+
+    Redis stores made in one test share one database, as replicas do; `fresh=True` gives
+    one a key prefix of its own instead: nothing shared, as a restarted memory store.
+    """
+    made: list[StateStore] = []
+
+    def make(*, fresh: bool = False) -> StateStore:
+        store: StateStore
+        if request.param == "memory":
+            store = MemoryState(clock=clock)
+        else:
+            server: RedisServer = request.getfixturevalue("redis_server")
+            prefix = f"pollguard{len(made)}:" if fresh else "pollguard:"
+            store = RedisState(server.url(), clock=clock, prefix=prefix)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.close()

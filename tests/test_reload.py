@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from proxy.app import Pollguard
-from proxy.rules import load_rules
-from proxy.settings import Address, Settings
-from tests.conftest import Running
+from tests.conftest import Running, StartPollguard
 from tests.support import EPOCH, FakeClock, ServeProcess, Upstream, rule_toml
 
 
@@ -53,30 +50,14 @@ def rules_dir(tmp_path: Path) -> RulesDir:
 
 
 @pytest.fixture
-async def start(
-    upstream: Upstream, clock: FakeClock, rules_dir: RulesDir
-) -> AsyncIterator[StartReloadable]:
+def start(start_pollguard: StartPollguard, rules_dir: RulesDir) -> StartReloadable:
     """Like start_pollguard, but with --rules pointing at rules_dir (what reload reads)."""
-    started: list[Pollguard] = []
 
     async def start(*tables: str, **settings: Any) -> Running:
         rules_dir.write(*tables)
-        base = Settings(
-            upstream=URL(upstream.url),
-            listen=Address("127.0.0.1", 0),
-            admin_listen=Address("127.0.0.1", 0),
-            rules=rules_dir.path,
-            access_log="off",
-            **settings,
-        )
-        pg = Pollguard(base, load_rules(rules_dir.path), clock=clock)
-        await pg.start()
-        started.append(pg)
-        return Running(pg)
+        return await start_pollguard(rules_dir.path, **settings)
 
-    yield start
-    for pg in started:
-        await pg.stop()
+    return start
 
 
 class Events(logging.Handler):

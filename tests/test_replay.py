@@ -213,7 +213,9 @@ def test_text_report_for_people(tmp_path: Path) -> None:
         pytest.param(["nope.log"], "nope.log: cannot open"),
         pytest.param(["LOG", "--rules", "nope/"], "nope: no such file or folder"),
         pytest.param(["LOG", "--try", "treshold=3"], "cannot vary 'treshold'"),
-        pytest.param(["LOG", "--try", "threshold=0"], "threshold: must be a positive integer, got 0"),
+        pytest.param(
+            ["LOG", "--try", "threshold=0"], "threshold: must be a positive integer, got 0"
+        ),
         pytest.param(["LOG", "--try", "threshold"], "expected KEY=VALUE"),
         pytest.param(["BADGZ"], "BADGZ: cannot read: the gzip data ends early"),
         pytest.param(["LOG", "--max-keys", "0"], "--max-keys"),

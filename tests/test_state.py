@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -12,36 +11,12 @@ from proxy import guard
 from proxy.guard import Action, KeyState, Outcome
 from proxy.rules import Rule
 from proxy.state import StateStore
-from proxy.state.memory import MemoryState
-from proxy.state.redis import RedisState
-from tests.processes import RedisServer
+from tests.conftest import MakeStore
 from tests.support import FakeClock, rule_toml, ruleset
-
-MakeStore = Callable[[], StateStore]
 
 
 def make_rule(**keys: object) -> Rule:
     return ruleset(rule_toml(**keys)).rules[0]
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def make_store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[MakeStore]:
-    """Stores on the test's clock; every Redis store made in one test shares one database."""
-    made: list[StateStore] = []
-
-    def make() -> StateStore:
-        store: StateStore
-        if request.param == "memory":
-            store = MemoryState(clock=clock)
-        else:
-            server: RedisServer = request.getfixturevalue("redis_server")
-            store = RedisState(server.url(), clock=clock)
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        await store.close()
 
 
 @pytest.fixture

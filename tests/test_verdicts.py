@@ -2,27 +2,22 @@
 
 Every test runs a real upstream app and a real pollguard on loopback; the FakeClock spaces
 the polls (3 s like the seed's app, 100 ms like the issue's clients). The state store comes
-from `make_store` below, so the same contract can run over every store.
+from the `make_store` fixture (tests/conftest.py), so the same contract can run over every store.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from proxy.rules import Rule, RuleSet, load_rules
-from proxy.state import StateStore
 from proxy.state.memory import MemoryState
-from proxy.state.redis import RedisState
-from tests.conftest import Running, StartPollguard
-from tests.processes import RedisServer
+from tests.conftest import MakeStore, Running, StartPollguard
 from tests.support import REPO, FakeClock, Upstream, rule_toml, ruleset
-
-MakeStore = Callable[[], StateStore]
 
 SHIPPED = load_rules(Path(REPO) / "rules")
 SEED_CADENCE = 3.0  # the seed's app polls every 3 s
@@ -31,30 +26,6 @@ CADENCES = [
     pytest.param(SEED_CADENCE, id="every-3s"),
     pytest.param(ISSUE_CADENCE, id="every-100ms"),
 ]
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def make_store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[MakeStore]:
-    """Fresh stores on the test's clock, each sharing nothing with the ones made before.
-
-    "Nothing shared" is how a restarted memory store looks; for Redis each store gets a
-    key prefix of its own in the test's (flushed) database.
-    """
-    made: list[StateStore] = []
-
-    def make() -> StateStore:
-        store: StateStore
-        if request.param == "memory":
-            store = MemoryState(clock=clock)
-        else:
-            server: RedisServer = request.getfixturevalue("redis_server")
-            store = RedisState(server.url(), clock=clock, prefix=f"pollguard{len(made)}:")
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        await store.close()
 
 
 class Poller:
@@ -104,7 +75,7 @@ async def test_a_slow_task_is_never_blocked_while_grace_covers_its_first_misses(
     upstream: Upstream,
     poller: Callable[[Running, float], Poller],
 ) -> None:
-    pg = await start_pollguard(rules(threshold=5, grace="30s"), state=make_store())
+    pg = await start_pollguard(rules(threshold=5, grace="30s"), state=make_store(fresh=True))
     client = poller(pg, every)
 
     assert await client.polls("slow", 6) == [404] * 6
@@ -123,7 +94,7 @@ async def test_without_grace_the_same_threshold_condemns_the_slow_task(
     poller: Callable[[Running, float], Poller],
 ) -> None:
     # The counterexample: a count alone cannot tell "not registered yet" from "gone".
-    pg = await start_pollguard(rules(threshold=5), state=make_store())
+    pg = await start_pollguard(rules(threshold=5), state=make_store(fresh=True))
     client = poller(pg, every)
 
     assert await client.polls("slow", 6) == [404] * 5 + [410]
@@ -142,7 +113,7 @@ async def test_the_shipped_rules_let_a_task_take_its_whole_grace_to_register(
     poller: Callable[[Running, float], Poller],
 ) -> None:
     (rule,) = SHIPPED.rules
-    pg = await start_pollguard(SHIPPED, state=make_store())
+    pg = await start_pollguard(SHIPPED, state=make_store(fresh=True))
     client = poller(pg, every)
     # Every poll sent before `grace` has passed since the first miss may miss.
     registering = first_sight_misses(rule, every) - 1
@@ -158,7 +129,7 @@ async def test_grace_ends_at_the_first_miss_on_or_after_it(
     make_store: MakeStore,
     poller: Callable[[Running, float], Poller],
 ) -> None:
-    pg = await start_pollguard(rules(threshold=5, grace="30s"), state=make_store())
+    pg = await start_pollguard(rules(threshold=5, grace="30s"), state=make_store(fresh=True))
     client = poller(pg, SEED_CADENCE)
     # misses at 0, 3, ..., 27 s are inside grace; the one at 30 s blocks
     assert await client.polls("never", 13) == [404] * 11 + [410] * 2
@@ -179,7 +150,7 @@ async def test_a_task_seen_alive_then_gone_is_blocked_after_threshold_after_2xx_
 ) -> None:
     # grace is an hour: it must not delay a key seen alive
     rule = rules(threshold=5, threshold_after_2xx=after_2xx, grace="1h")
-    pg = await start_pollguard(rule, state=make_store())
+    pg = await start_pollguard(rule, state=make_store(fresh=True))
     client = poller(pg, every)
     upstream.statuses["restarted"] = 200
 
@@ -198,7 +169,7 @@ async def test_the_shipped_rules_stop_a_vanished_task_after_threshold_after_2xx(
     (rule,) = SHIPPED.rules
     assert rule.threshold_after_2xx < rule.threshold
     assert rule.grace > 0
-    pg = await start_pollguard(SHIPPED, state=make_store())
+    pg = await start_pollguard(SHIPPED, state=make_store(fresh=True))
     client = poller(pg, SEED_CADENCE)
     upstream.statuses["restarted"] = 200
     await client.polls("restarted", 3)
@@ -236,7 +207,7 @@ async def test_a_stray_single_404_between_200s_never_blocks(
     upstream: Upstream,
     poller: Callable[[Running, float], Poller],
 ) -> None:
-    pg = await start_pollguard(rule_set, state=make_store())
+    pg = await start_pollguard(rule_set, state=make_store(fresh=True))
     client = poller(pg, ISSUE_CADENCE)
 
     assert await alternate(client, upstream, "live", 300) == [200, 404] * 300
@@ -251,7 +222,9 @@ async def test_threshold_after_2xx_of_1_condemns_a_live_task_on_its_first_stray_
     poller: Callable[[Running, float], Poller],
 ) -> None:
     # Why 2 is the least threshold_after_2xx that tolerates stray 404s.
-    pg = await start_pollguard(rules(threshold=5, threshold_after_2xx=1), state=make_store())
+    pg = await start_pollguard(
+        rules(threshold=5, threshold_after_2xx=1), state=make_store(fresh=True)
+    )
     client = poller(pg, ISSUE_CADENCE)
 
     assert await alternate(client, upstream, "live", 2) == [200, 404, 410, 410]
@@ -269,12 +242,12 @@ async def test_a_fresh_store_judges_a_vanished_task_by_threshold_and_grace(
     poller: Callable[[Running, float], Poller],
 ) -> None:
     (rule,) = FALLBACK.rules
-    before = await start_pollguard(FALLBACK, state=make_store())
+    before = await start_pollguard(FALLBACK, state=make_store(fresh=True))
     upstream.statuses["t"] = 200
     assert await poller(before, SEED_CADENCE).polls("t", 3) == [200] * 3
 
     # pollguard restarts (a new memory store); then the backend loses the task
-    after = await start_pollguard(FALLBACK, state=make_store())
+    after = await start_pollguard(FALLBACK, state=make_store(fresh=True))
     upstream.statuses.pop("t")
     n = first_sight_misses(rule, SEED_CADENCE)
     assert n == 11 > rule.threshold_after_2xx
@@ -288,13 +261,13 @@ async def test_a_lost_mark_during_a_run_of_misses_only_delays_the_block(
     poller: Callable[[Running, float], Poller],
 ) -> None:
     # Seen alive, one miss counted under threshold_after_2xx, then the store is lost.
-    first = await start_pollguard(FALLBACK, state=make_store())
+    first = await start_pollguard(FALLBACK, state=make_store(fresh=True))
     upstream.statuses["t"] = 200
     await poller(first, SEED_CADENCE).polls("t", 2)
     upstream.statuses.pop("t")
     assert await poller(first, SEED_CADENCE).polls("t", 1) == [404]
 
-    second = await start_pollguard(FALLBACK, state=make_store())
+    second = await start_pollguard(FALLBACK, state=make_store(fresh=True))
     client = poller(second, SEED_CADENCE)
     inside_grace = first_sight_misses(FALLBACK.rules[0], SEED_CADENCE) - 1
     assert await client.polls("t", inside_grace) == [404] * inside_grace
