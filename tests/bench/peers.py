@@ -11,6 +11,7 @@ bench_proxy.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 
 import aiohttp
@@ -18,6 +19,12 @@ import uvloop
 from aiohttp import web
 
 BLOCKED = b'{"error": "Task not found", "task_id": "lost-1", "terminal": true}'
+
+
+async def freeze(app: web.Application) -> None:
+    """As pollguard serve does at start: a full collection then walks only what requests
+    allocate, so instruction counts do not jump with when one happens to run."""
+    gc.freeze()
 
 
 def minimal_proxy(port: int, upstream: str) -> None:
@@ -45,6 +52,7 @@ def minimal_proxy(port: int, upstream: str) -> None:
 
     app = web.Application()
     app.on_startup.append(open_session)
+    app.on_startup.append(freeze)
     app.on_cleanup.append(close_session)
     app.router.add_route("*", "/{tail:.*}", handler)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None,
@@ -71,6 +79,7 @@ def forwarder_only(port: int, upstream: str) -> None:
         runner = web.ServerRunner(server)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
+        gc.freeze()
         await asyncio.Event().wait()
 
     uvloop.run(serve())
@@ -84,6 +93,7 @@ def canned_410(port: int) -> None:
         )  # fmt: skip
 
     app = web.Application()
+    app.on_startup.append(freeze)
     app.router.add_get("/test/status/{task_id}", handler)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None,
                 loop=uvloop.new_event_loop())  # fmt: skip
