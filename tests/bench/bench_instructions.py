@@ -25,6 +25,7 @@ from pathlib import Path
 from bench_proxy import BENCH_RULES, HERE, LIVE, LOST, REPO, free_port, process, redis_server
 
 BASE = 10
+UNMATCHED = "/other/live-1"  # the same 200 from the upstream, but no rule: no state store
 NEW = "/test/status/live-{i}"  # every request a task pollguard has not seen: no local view
 
 
@@ -92,6 +93,7 @@ def main() -> None:
             ("forwarder", "pollguard's Forwarder alone", [py, "forwarder-only", "{port}", upstream], LIVE, None),
             ("pg", "pollguard, memory, access log on", pollguard("memory://", str(tmp / "a.log")), LIVE, None),
             ("pg-nolog", "pollguard, memory, access log off", pollguard("memory://", "off"), LIVE, None),
+            ("pg-unmatched", "pollguard, a path no rule matches", pollguard("memory://", str(tmp / "g.log")), UNMATCHED, None),
             ("pg-new", "pollguard, memory, a new live task each", pollguard("memory://", str(tmp / "e.log")), NEW, None),
             ("canned", "bare aiohttp handler, the 410 bytes", [py, "canned-410", "{port}"], LOST, None),
             ("pg-blocked", "pollguard blocked, access log on", pollguard("memory://", str(tmp / "b.log")), LOST, LOST),
@@ -136,6 +138,10 @@ def report(r: dict[str, float]) -> None:
     if "pg" in r and "forwarder" in r:
         extra = r["pg"] - r["forwarder"]
         print(f"  rules+state+metrics+log overhead        {extra / r['pg']:.0%} of pass-through"
+              f" ({extra / 1000:.0f} k)")  # fmt: skip
+    if "pg-unmatched" in r and "forwarder" in r:
+        extra = r["pg-unmatched"] - r["forwarder"]
+        print(f"  matching+metrics+log (no state) cost    {extra / r['pg-unmatched']:.0%} of pass-through"
               f" ({extra / 1000:.0f} k)  target <= 10%")  # fmt: skip
     print(f"  blocked path vs bare aiohttp handler    {ratio('pg-blocked', 'canned')}"
           f" (access log off: {ratio('pg-blocked-nolog', 'canned')})  target >= 1.0x")  # fmt: skip
