@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from proxy import __version__
 from proxy.errors import ConfigError, RulesError
 from proxy.rules import RuleSet, load_rules
-from proxy.settings import SERVE_OPTIONS, Settings, build_settings
+from proxy.settings import SERVE_OPTIONS, Settings, build_settings, positive_int
 
 EXIT_OK, EXIT_FOUND_ERRORS, EXIT_USAGE = 0, 1, 2
 
@@ -83,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
+    try:
+        return positive_int(text)
+    except ValueError as exc:  # argparse shows an ArgumentTypeError's own words
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_rules_flag(parser: argparse.ArgumentParser) -> None:

@@ -85,10 +85,10 @@ def build_settings(values: dict[str, str | None]) -> Settings:
         admin_listen=_opt(values, "admin_listen", parse_address),
         rules=Path(_str(values, "rules")),
         state=_opt(values, "state", parse_state_url),
-        max_keys=_opt(values, "max_keys", _positive_int),
+        max_keys=_opt(values, "max_keys", positive_int),
         upstream_timeout=_opt(values, "upstream_timeout", _positive_duration),
         admin_token=values.get("admin_token") or None,
-        workers=_opt(values, "workers", _positive_int),
+        workers=_opt(values, "workers", positive_int),
         client_timeout=_opt(values, "client_timeout", _positive_duration),
         max_body_size=_opt(values, "max_body_size", parse_size),
         drain_timeout=_opt(values, "drain_timeout", parse_duration),
@@ -151,7 +151,7 @@ def parse_state_url(text: str) -> str:
     raise ValueError(f"expected memory:// or redis://host:port/db, got {text!r}")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"expected an integer >= 1, got {text!r}")
     return int(text)
