@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 from aiohttp import web
-from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from proxy.errors import ConfigError, RulesError, StateError
@@ -17,7 +16,7 @@ from proxy.forward import Forwarder
 from proxy.guard import Action
 from proxy.logs import DECISION, LineSink, access_logger, open_sink, server_logger
 from proxy.matching import Matcher
-from proxy.metrics import NO_RULE, Metrics
+from proxy.metrics import NO_RULE, Metrics, RuleMetrics
 from proxy.rules import Rule, RuleSet, load_rules
 from proxy.settings import Address, Settings
 from proxy.state import Clock, StateStore
@@ -46,7 +45,6 @@ class ProxyHandler:
     def use_rules(self, rules: RuleSet) -> None:
         """Swap the rules in one assignment each: a request sees the old set or the new one."""
         self.metrics.use_rules(rules.names)
-        self._blocked_headers = {r.name: _blocked_headers(r) for r in rules.rules}
         self._by_name = {r.name: r for r in rules.rules}
         self._matcher = Matcher(rules.rules)
         self.rules = rules
@@ -66,13 +64,10 @@ class ProxyHandler:
         if action is Action.BLOCK and rule.mode == "enforce":
             metrics.outcomes["blocked"].inc()
             request[DECISION] = (rule.name, task_id, "blocked", None)
-            headers = self._blocked_headers.get(rule.name)
-            if headers is None:  # a reload removed the rule while the store answered
-                headers = _blocked_headers(rule)
             return web.Response(
                 status=rule.response.status,
                 body=rule.response.render(task_id),
-                headers=headers,
+                headers=rule.response.wire_headers,
             )
 
         fwd = await self.forwarder.forward(request)
@@ -85,7 +80,7 @@ class ProxyHandler:
             outcome = "would_block"
         else:
             outcome = "probe" if action is Action.PROBE else "forwarded"
-            await self._record(rule, task_id, fwd.status)
+            await self._record(rule, task_id, fwd.status, metrics)
         metrics.outcomes[outcome].inc()
         request[DECISION] = (rule.name, task_id, outcome, fwd.upstream_seconds)
         return fwd.response
@@ -100,7 +95,7 @@ class ProxyHandler:
         request[DECISION] = (NO_RULE, None, outcome, fwd.upstream_seconds)
         return fwd.response
 
-    async def _record(self, rule: Rule, task_id: str, status: int) -> None:
+    async def _record(self, rule: Rule, task_id: str, status: int, metrics: RuleMetrics) -> None:
         # A reload while the request was upstream: the rules in force now decide, and a
         # removed rule leaves no key behind (retain() has already dropped its others).
         current = self._by_name.get(rule.name)
@@ -113,9 +108,9 @@ class ProxyHandler:
             self.metrics.state_errors.inc()
             return
         if out.miss:
-            self.metrics.rule(rule.name).misses.inc()
+            metrics.misses.inc()
         if out.blocked:
-            self.metrics.rule(rule.name).keys_blocked.inc()
+            metrics.keys_blocked.inc()
             log.info(
                 "key blocked",
                 extra={"event": "key_blocked", "rule": rule.name, "task_id": task_id,
@@ -127,13 +122,6 @@ class ProxyHandler:
                 "key unblocked: the upstream answered 2xx",
                 extra={"event": "key_unblocked", "rule": rule.name, "task_id": task_id},
             )
-
-
-def _blocked_headers(rule: Rule) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict(rule.response.headers)
-    headers["Content-Type"] = rule.response.content_type
-    headers["X-Pollguard"] = "blocked"
-    return headers
 
 
 def make_state(settings: Settings, clock: Clock) -> StateStore:
