@@ -1,6 +1,6 @@
 """CPU instructions per request, counted by valgrind: the same figure on every run.
 
-    python tests/bench/bench_instructions.py [--requests 1000] [--redis]
+    python tests/bench/bench_instructions.py [--requests 1000] [--redis] [--only canned,pg-blocked]
 
 wrk's requests/s on a shared 2-core machine wander by 20% from one run to the next;
 callgrind counts the instructions a process executes, which do not. Each front runs
@@ -70,6 +70,7 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--redis", action="store_true", help="also pollguard on Redis state")
+    parser.add_argument("--only", help="measure only these rows, e.g. canned,pg-blocked")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind not found: apt-get install -y valgrind")
@@ -110,10 +111,22 @@ def main() -> None:
                         ("pg-redis-new", "pollguard, redis, a new live task each", pollguard(url, str(tmp / "f.log")), NEW, None),
                         ("pg-blocked-redis", "pollguard blocked, redis", pollguard(url, str(tmp / "d.log")), LOST, LOST),
                     ]  # fmt: skip
-                    measure_rows(rows, results, args.requests, tmp)
+                    measure_rows(_only(rows, args.only), results, args.requests, tmp)
             else:
-                measure_rows(rows, results, args.requests, tmp)
+                measure_rows(_only(rows, args.only), results, args.requests, tmp)
     report(results)
+
+
+def _only(
+    rows: list[tuple[str, str, list[str], str, str | None]], only: str | None
+) -> list[tuple[str, str, list[str], str, str | None]]:
+    if only is None:
+        return rows
+    keys = set(only.split(","))
+    unknown = keys - {row[0] for row in rows}
+    if unknown:
+        raise SystemExit(f"--only: no such row {', '.join(sorted(unknown))}")
+    return [row for row in rows if row[0] in keys]
 
 
 def measure_rows(
