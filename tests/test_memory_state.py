@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from proxy.guard import Action
 from proxy.state.memory import MemoryState
 from tests.support import FakeClock, rule_toml, ruleset
@@ -84,3 +86,37 @@ async def test_blocks_unblock_and_retain() -> None:
     assert await state.admit(RULE, "a") is Action.FORWARD
     await state.retain([RULE])
     assert [b.task_id for b in await state.blocks()] == ["b"]
+
+
+async def test_max_keys_bounds_the_counts_of_every_rule_together() -> None:
+    clock = FakeClock()
+    state = MemoryState(max_keys=1_000, clock=clock)
+    await miss(state, "victim", 3)
+    await miss(state, "other-victim", 5, OTHER)
+    for i in range(5_000):  # a flood over both rules: one bound, not one per rule
+        await miss(state, f"flood-{i}", 1, RULE if i % 2 else OTHER)
+        clock.advance(0.001)
+        if i % 500 == 0:
+            assert (await state.stats()).tracked <= 1_000 + 2
+    stats = await state.stats()
+    assert stats.tracked == 1_000 + 2
+    assert stats.blocked == {"task-status": 1, "other": 1}
+    assert await state.admit(RULE, "victim") is Action.BLOCK
+    assert await state.admit(OTHER, "other-victim") is Action.BLOCK
+
+
+async def test_a_count_lapses_exactly_at_its_window_on_a_fractional_clock() -> None:
+    clock = FakeClock(1_800_000_000.1234567)
+    state = MemoryState(clock=clock)
+    await miss(state, "t", 2)
+    last = clock.now
+    clock.now = math.nextafter(last + RULE.window, 0)
+    assert (await state.stats()).tracked == 1
+    out = await state.record(RULE, "t", 404)  # still inside the window: the third miss blocks
+    assert out.blocked
+
+    await miss(state, "u", 2)
+    clock.now += RULE.window  # exactly at the window: the next miss starts again at 1
+    assert (await state.stats()).tracked == 1  # only the block
+    out = await state.record(RULE, "u", 404)
+    assert out.state is not None and out.state.misses == 1

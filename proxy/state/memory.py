@@ -1,4 +1,10 @@
-"""Key state in this process's memory, bounded by --max-keys (cachetools)."""
+"""Key state in this process's memory, bounded by --max-keys.
+
+Three stores, each bounded by --max-keys on its own: counting keys (Counts: per rule,
+an OrderedDict of packed states, the bulk of the memory under a flood), blocked keys
+and seen-alive marks (cachetools, keyed by (rule, task id): few, or cheap beside the
+answer they save).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from proxy import guard
 from proxy.guard import Action, KeyState, Outcome
 from proxy.rules import Rule
 from proxy.state import Block, Clock, Stats
+from proxy.state.counts import Counts
 
 Key = tuple[str, str]
 
@@ -21,7 +28,7 @@ _held = Cache.__contains__
 
 
 class MemoryState:
-    """Counting keys, blocked keys and seen-alive keys in three separately bounded caches.
+    """Counting keys, blocked keys and seen-alive keys in three separately bounded stores.
 
     Blocked keys live apart from mere counts, so a flood of unique ids (each one miss)
     evicts only other counts, never a block. Every entry expires on its own exactly
@@ -30,19 +37,13 @@ class MemoryState:
 
     def __init__(self, *, max_keys: int = 100_000, clock: Clock = time.time) -> None:
         self._clock = clock
-        self._windows: dict[str, float] = {}
-        self._counts: TLRUCache[Key, KeyState] = TLRUCache(
-            maxsize=max_keys, ttu=self._count_expiry, timer=clock
-        )
+        self._counts = Counts(max_keys)
         self._blocks: TLRUCache[Key, KeyState] = TLRUCache(
             maxsize=max_keys, ttu=lambda _k, s, _now: s.blocked_until, timer=clock
         )
         # Only ever read to choose threshold_after_2xx over threshold; losing an entry
         # falls back to the stricter first-sight rules, never to a wrong block.
         self._alive: LRUCache[Key, bool] = LRUCache(maxsize=max_keys)
-
-    def _count_expiry(self, key: Key, state: KeyState, _now: float) -> float:
-        return state.last_miss + self._windows.get(key[0], 0.0)
 
     async def admit(self, rule: Rule, task_id: str) -> Action:
         return self.admit_sync(rule, task_id)
@@ -66,8 +67,7 @@ class MemoryState:
     def record_sync(self, rule: Rule, task_id: str, status: int) -> Outcome:
         key = (rule.name, task_id)
         blocked = self._blocks.get(key) if _held(self._blocks, key) else None
-        counted = self._counts.get(key) if blocked is None and _held(self._counts, key) else None
-        state = blocked if blocked is not None else counted
+        state = blocked if blocked is not None else self._counts.get(rule.name, task_id)
         alive = key in self._alive
         out = guard.record(state, rule, self._clock(), status, alive=alive)
         if out.alive:
@@ -78,14 +78,13 @@ class MemoryState:
         if new is state:
             return out
         if new is None:
-            self._counts.pop(key, None)
+            self._counts.pop(rule.name, task_id)
             self._blocks.pop(key, None)
         elif new.blocked_until:
-            self._counts.pop(key, None)
+            self._counts.pop(rule.name, task_id)
             self._blocks[key] = new
         else:
-            self._windows[rule.name] = rule.window
-            self._counts[key] = new
+            self._counts.set(rule, task_id, new)
         return out
 
     async def blocks(self, rule: str | None = None) -> list[Block]:
@@ -100,15 +99,15 @@ class MemoryState:
         return self._blocks.pop((rule, task_id), None) is not None
 
     async def stats(self) -> Stats:
-        self._counts.expire()
+        self._counts.expire(self._clock())
         self._blocks.expire()
         per_rule = Counter(name for name, _ in self._blocks)
         return Stats(tracked=len(self._counts) + len(self._blocks), blocked=dict(per_rule))
 
     async def retain(self, rules: Collection[Rule]) -> None:
         keep = {r.name for r in rules}
-        self._windows = {r.name: r.window for r in rules}
-        for cache in (self._counts, self._blocks, self._alive):
+        self._counts.retain(rules)
+        for cache in (self._blocks, self._alive):
             for key in [k for k in cache if k[0] not in keep]:
                 cache.pop(key, None)
 
