@@ -1,9 +1,9 @@
 """Key state in this process's memory, bounded by --max-keys.
 
-Three stores, each bounded by --max-keys on its own: counting keys (Counts: per rule,
-an OrderedDict of packed states, the bulk of the memory under a flood), blocked keys
-and seen-alive marks (cachetools, keyed by (rule, task id): few, or cheap beside the
-answer they save).
+Three stores, each bounded by --max-keys on its own. Counting keys, what a flood of
+doomed ids fills, are in Counts (per rule, bare task ids, packed states). Blocked keys
+and seen-alive marks stay in cachetools, keyed by (rule, task id): blocks are few, and a
+mark is written only for a task the upstream answered 2xx.
 """
 
 from __future__ import annotations
