@@ -16,17 +16,22 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "te", "transfer-encoding", "upgrade", "proxy-connection"}
+from proxy.headers import (
+    RawHeaders,
+    request_head,
+    request_headers,
+    response_fields,
+    response_headers,
 )
-# pollguard answers a client's `Expect: 100-continue` itself when it starts reading the body
-# (nginx does the same): an upstream that ignores the expectation could never deadlock us.
-_HOP_BY_HOP_REQUEST = HOP_BY_HOP | {"expect"}
+from proxy.upstream import UpstreamPool
+from proxy.wire import WireResponse, connection_line, date_line
+
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-VIA = "pollguard"
 # Bodies up to this size are read whole and sent in one write (nginx's proxy_buffering
 # does the same); longer or unsized ones stream chunk by chunk.
 BUFFER_LIMIT = 64 * 1024
@@ -92,6 +97,7 @@ class Forwarder:
         client_timeout: float = 15.0,
         max_body_size: int = 100 * 1024 * 1024,
     ) -> None:
+        self._upstream = upstream
         self._scheme = upstream.scheme
         self._authority = upstream.raw_authority
         self._prefix = upstream.raw_path.rstrip("/")
@@ -102,9 +108,19 @@ class Forwarder:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=timeout, sock_read=timeout
         )
+        self._upstream_timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
 
     async def start(self) -> None:
+        if self._scheme == "http" and self._upstream.host is not None:
+            port = self._upstream.port or 80
+            self._pool = UpstreamPool(
+                self._upstream.host,
+                port,
+                connect_timeout=self._upstream_timeout,
+                read_timeout=self._upstream_timeout,
+            )
         connector = aiohttp.TCPConnector(
             limit=0,  # long-polls hold a connection each; a pool cap would queue them
             ttl_dns_cache=10,
@@ -121,6 +137,9 @@ class Forwarder:
         )
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -137,11 +156,14 @@ class Forwarder:
             if request.method == "CONNECT":  # a reverse proxy opens no tunnels
                 return Forwarded(error_response(405, "CONNECT not allowed", close=True), None, None)
             raw = request.url.raw_path_qs  # absolute-form: a client taking us for its proxy
+        target = self._prefix + raw
+        pool = self._pool
+        if pool is not None and not request.body_exists and not _is_websocket(request):
+            return await self._exchange(pool, request, target)
+
         # The whole target goes in as the path: parsing a URL string would drop an empty "?"
         # (the target must pass byte for byte), and building is 3x cheaper than parsing.
-        url = URL.build(
-            scheme=self._scheme, authority=self._authority, path=self._prefix + raw, encoded=True
-        )
+        url = URL.build(scheme=self._scheme, authority=self._authority, path=target, encoded=True)
         headers = request_headers(request)
         if _is_websocket(request):
             return await self._websocket(request, url, headers)
@@ -160,16 +182,43 @@ class Forwarder:
                 request.method, url, headers=headers, data=body, allow_redirects=False
             ) as up:
                 elapsed = time.perf_counter() - started
-                return Forwarded(await self._respond(request, up), up.status, elapsed)
+                answer = await self._respond(
+                    request, up.status, up.reason or "", up.headers, up.raw_headers,
+                    up.content_length, up.content,
+                )  # fmt: skip
+                return Forwarded(answer, up.status, elapsed)
         except _ClientFault as exc:
             return Forwarded(await _refuse(request, exc), None, None)
         except (TimeoutError, aiohttp.ServerTimeoutError):
             return Forwarded(error_response(504, "upstream timed out"), None, None)
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, ValueError) as exc:
             fault = _fault_of(exc)
             if fault is not None:
                 return Forwarded(await _refuse(request, fault), None, None)
             return Forwarded(error_response(502, "upstream unreachable"), None, None)
+
+    async def _exchange(
+        self, pool: UpstreamPool, request: web.BaseRequest, target: str
+    ) -> Forwarded:
+        """A request without a body, through the lean pool (upstream.py)."""
+        head = request_head(request, target, self._authority)
+        started = time.perf_counter()
+        try:
+            proto, message, payload = await pool.exchange(request.method, head)
+            elapsed = time.perf_counter() - started
+            try:
+                length = message.headers.get("Content-Length")
+                answer = await self._respond(
+                    request, message.code, message.reason, message.headers, message.raw_headers,
+                    int(length) if length is not None and not message.chunked else None, payload,
+                )  # fmt: skip
+            finally:
+                pool.release(proto)  # kept only if the answer was read to its end
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            return Forwarded(error_response(504, "upstream timed out"), None, None)
+        except (aiohttp.ClientError, HttpProcessingError, OSError, ValueError):
+            return Forwarded(error_response(502, "upstream unreachable"), None, None)
+        return Forwarded(answer, message.code, elapsed)
 
     async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
         """The client's body as it arrives, cut off when too large or too slow."""
@@ -191,23 +240,26 @@ class Forwarder:
             yield chunk
 
     async def _respond(
-        self, request: web.BaseRequest, up: aiohttp.ClientResponse
+        self,
+        request: web.BaseRequest,
+        status: int,
+        reason: str,
+        src_headers: CIMultiDictProxy[str],
+        raw_headers: RawHeaders,
+        length: int | None,
+        content: StreamReader,
     ) -> web.StreamResponse:
-        headers = response_headers(up.headers)
-        length = up.content_length
-        no_body = request.method == "HEAD" or up.status in (204, 304) or up.status < 200
-        if not no_body and length is not None and length <= BUFFER_LIMIT:
-            headers.popall("Content-Length", None)
-            return web.Response(
-                status=up.status, reason=up.reason, body=await up.read(), headers=headers
-            )
-        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        """The upstream's answer for the client: read whole when small, else streamed."""
+        if request.method == "HEAD" or status in (204, 304) or status < 200:
+            return Relayed(status, reason, src_headers, raw_headers, b"")
+        if length is not None and length <= BUFFER_LIMIT:
+            body = await content.read()
+            return Relayed(status, reason, src_headers, raw_headers, body)
+        headers = response_headers(src_headers)
+        resp = web.StreamResponse(status=status, reason=reason, headers=headers)
         await resp.prepare(request)
-        if no_body:
-            await resp.write_eof()
-            return resp
         try:
-            async for chunk in up.content.iter_any():
+            async for chunk in content.iter_any():
                 # a client that stops reading must not hold the upstream connection forever
                 async with asyncio.timeout(self._client_timeout):
                     await resp.write(chunk)
@@ -256,6 +308,33 @@ class Forwarder:
             await down.prepare(request)
             await _pump_websockets(down, up)
         return Forwarded(down, 101, elapsed)
+
+
+class Relayed(WireResponse):
+    """An upstream answer read whole, passed on in one write: its status line and header
+    fields as they came (hop-by-hop ones removed, Via added), then the body."""
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: CIMultiDictProxy[str],
+        raw_headers: RawHeaders,
+        body: bytes,
+    ) -> None:
+        super().__init__(status)
+        self._phrase = reason.encode("utf-8", "surrogateescape")
+        self._fields = response_fields(headers, raw_headers)  # ValueError: a 502
+        # RFC 9110 6.6.1: a proxy adds the Date an upstream without a clock left out.
+        self._date = "Date" not in headers
+        self._content = body
+
+    def wire(self, request: web.BaseRequest, keep_alive: bool) -> bytes:
+        version = request.version
+        status = b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, self.status, self._phrase)
+        date = date_line() if self._date else b""
+        end = connection_line(version, keep_alive) + b"\r\n"
+        return b"".join((status, self._fields, date, end, self._content))
 
 
 async def _pump_websockets(
@@ -327,55 +406,3 @@ def _fault_of(exc: BaseException) -> _ClientFault | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
-
-
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(","))
-    return frozenset(tokens)
-
-
-def _end_to_end(
-    headers: CIMultiDictProxy[str], hop_by_hop: frozenset[str] = HOP_BY_HOP
-) -> CIMultiDict[str]:
-    """Every field except hop-by-hop ones: the fixed list, Proxy-*, and those Connection names."""
-    out = CIMultiDict(headers)  # a C copy, then deletions: 3x cheaper than a filtering loop
-    if "Connection" in headers:
-        for name in _connection_tokens(headers):
-            out.popall(name, None)
-    for name in hop_by_hop:
-        if name in out:
-            del out[name]
-    if "proxy-" in " ".join(out).lower():  # rare: scan the names only when one may be there
-        for name in [k for k in out if k[:6].lower() == "proxy-"]:
-            out.popall(name, None)
-    return out
-
-
-def request_headers(request: web.BaseRequest) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones, plus X-Forwarded-* and Via."""
-    src = request.headers
-    out = _end_to_end(src, _HOP_BY_HOP_REQUEST)
-    peer = request.remote or "unknown"
-    prior = ", ".join(src.getall("X-Forwarded-For", ()))
-    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    out["X-Forwarded-Proto"] = request.scheme
-    host = src.get("Host")
-    if host is not None:
-        out["X-Forwarded-Host"] = host
-    _add_via(out, request.version)
-    return out
-
-
-def response_headers(src: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream's headers minus hop-by-hop ones, plus Via."""
-    out = _end_to_end(src)
-    _add_via(out, aiohttp.HttpVersion11)
-    return out
-
-
-def _add_via(headers: CIMultiDict[str], version: aiohttp.HttpVersion) -> None:
-    hop = f"{version.major}.{version.minor} {VIA}"
-    prior = ", ".join(headers.getall("Via", ()))
-    headers["Via"] = f"{prior}, {hop}" if prior else hop
