@@ -64,8 +64,7 @@ class ProxyHandler:
 
         if action is Action.BLOCK and rule.mode == "enforce":
             metrics.outcomes["blocked"].inc()
-            request[DECISION] = (rule.name, task_id, "blocked", None)
-            return BlockedAnswer(rule.response, task_id)
+            return BlockedAnswer(rule, task_id)  # the access log reads the decision off it
 
         fwd = await self.forwarder.forward(request)
         if fwd.upstream_seconds is not None:

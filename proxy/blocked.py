@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
 
-from proxy.rules import Response
+from proxy.rules import Response, Rule
 
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 _KEEP_ALIVE = b"Connection: keep-alive\r\n"
@@ -84,13 +84,15 @@ def wire(
 class BlockedAnswer(web.StreamResponse):
     """The rule's terminal response, sent whole by prepare() in one write.
 
+    It carries what the access log needs (rule, task_id), in place of a request[DECISION].
     Its `headers` stay empty: they are in rules.Response.head, already serialized.
     """
 
-    def __init__(self, response: Response, task_id: str) -> None:
-        super().__init__(status=response.status)
-        self._response = response
-        self._task_id = task_id
+    def __init__(self, rule: Rule, task_id: str) -> None:
+        super().__init__(status=rule.response.status)
+        self.rule = rule.name
+        self.task_id = task_id
+        self._response = rule.response
         self._keep: bool | None = None
         self._sent: int | None = None
 
@@ -116,7 +118,7 @@ class BlockedAnswer(web.StreamResponse):
         keep = self._keep
         if keep is None:
             keep = self._keep = request.keep_alive
-        data = wire(self._response, self._task_id, request.method, request.version, keep)
+        data = wire(self._response, self.task_id, request.method, request.version, keep)
         self._sent = len(data)
         # The writer has no headers of its own queued, so this goes out as it is, in one
         # write, with aiohttp's accounting, its closed-transport check and its drain.

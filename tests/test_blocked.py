@@ -15,11 +15,14 @@ import pytest
 from aiohttp import web
 
 from proxy.blocked import BlockedAnswer
-from proxy.rules import Response
+from proxy.matching import parse_template
+from proxy.rules import Response, Rule
 from tests.conftest import StartPollguard
 from tests.support import rule_toml, ruleset
 
 Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+PATH = "/new/{task_id}"
+TEMPLATE = parse_template(PATH)
 DATE = re.compile(rb"\r\nDate: ([^\r]*)\r\n")
 
 
@@ -68,7 +71,7 @@ async def twin(aiohttp_raw_server: Any) -> AsyncIterator[Connect]:
         _, kind, name, task_id = request.path.split("/")
         response = RESPONSES[name]
         answer = (
-            BlockedAnswer(response, task_id)
+            BlockedAnswer(Rule(name="r", path=PATH, template=TEMPLATE, response=response), task_id)
             if kind == "new"
             else aiohttp_response(response, task_id)
         )
@@ -153,7 +156,7 @@ async def test_dates_stay_valid_across_a_second_boundary_on_one_connection(
 
 @pytest.mark.parametrize("write", ["write", "write_eof"])
 async def test_nothing_can_be_written_after_the_answer(write: str) -> None:
-    answer = BlockedAnswer(Response(), "t")
+    answer = BlockedAnswer(Rule(name="r", path=PATH, template=TEMPLATE), "t")
     with pytest.raises(RuntimeError, match="sends it whole"):
         await getattr(answer, write)(b"more")
     await answer.write_eof()  # what aiohttp's server calls after prepare()
