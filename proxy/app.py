@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy.blocked import BlockedAnswer
 from proxy.errors import ConfigError, RulesError, StateError
 from proxy.forward import Forwarder
 from proxy.guard import Action
@@ -63,12 +64,7 @@ class ProxyHandler:
 
         if action is Action.BLOCK and rule.mode == "enforce":
             metrics.outcomes["blocked"].inc()
-            request[DECISION] = (rule.name, task_id, "blocked", None)
-            return web.Response(
-                status=rule.response.status,
-                body=rule.response.render(task_id),
-                headers=rule.response.wire_headers,
-            )
+            return BlockedAnswer(rule, task_id)  # the access log reads the decision off it
 
         fwd = await self.forwarder.forward(request)
         if fwd.upstream_seconds is not None:

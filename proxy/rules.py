@@ -40,17 +40,21 @@ class Response:
     body: str = DEFAULT_BODY
     headers: tuple[tuple[str, str], ...] = (("Cache-Control", "no-store"),)
     _parts: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
-    _wire_headers: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
+    # Its header lines as sent, serialized once (proxy/blocked.py adds the rest): the
+    # rule's, its Content-Type, and `X-Pollguard: blocked`.
+    head: bytes = field(init=False, repr=False, compare=False)
+    # Whether pollguard adds Date and Server, as aiohttp does unless the rule sets them.
+    adds_date: bool = field(init=False, repr=False, compare=False)
+    adds_server: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_parts", tuple(p.encode() for p in self.body.split(PLACEHOLDER)))
         wire = (*self.headers, ("Content-Type", self.content_type), ("X-Pollguard", "blocked"))
-        object.__setattr__(self, "_wire_headers", wire)
-
-    @property
-    def wire_headers(self) -> tuple[tuple[str, str], ...]:
-        """Every header of the answer: the rule's, its Content-Type, and `X-Pollguard: blocked`."""
-        return self._wire_headers
+        head = "".join(f"{name}: {value}\r\n" for name, value in wire).encode()
+        own = {name.lower() for name, _ in self.headers}
+        object.__setattr__(self, "head", head)
+        object.__setattr__(self, "adds_date", "date" not in own)
+        object.__setattr__(self, "adds_server", "server" not in own)
 
     def render(self, task_id: str) -> bytes:
         """The body with `{task_id}` filled in JSON-escaped (safe inside a JSON string)."""

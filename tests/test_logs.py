@@ -7,9 +7,12 @@ import json
 import logging
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from proxy.logs import _timestamp
 from tests.conftest import StartPollguard
+from tests.support import rule_toml, ruleset
 
 
 async def test_malformed_requests_are_access_log_lines_not_error_tracebacks(
@@ -31,3 +34,40 @@ async def test_malformed_requests_are_access_log_lines_not_error_tracebacks(
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [line["status"] for line in lines] == [400, 400]
+
+
+@pytest.mark.parametrize(
+    ("now", "text"),
+    [
+        (0.0, "1970-01-01T00:00:00.000Z"),
+        (1.999, "1970-01-01T00:00:01.999Z"),
+        (86400.5, "1970-01-02T00:00:00.500Z"),
+        (1.25, "1970-01-01T00:00:01.250Z"),  # an earlier second again (another thread's record)
+        (1771756200.042, "2026-02-22T10:30:00.042Z"),
+    ],
+)
+def test_timestamps_are_rfc3339_utc_with_milliseconds(now: float, text: str) -> None:
+    assert _timestamp(now) == text
+
+
+async def test_a_blocked_line_escapes_the_clients_path_and_task_id(
+    start_pollguard: StartPollguard, tmp_path: Path
+) -> None:
+    log = tmp_path / "access.log"
+    pg = await start_pollguard(ruleset(rule_toml(threshold=1)), access_log=str(log))
+    raw = "/test/status/a%22%7D%0A%5Cb%E2%98%83"  # a"}\n\b and a snowman
+    async with aiohttp.ClientSession() as http:
+        for _ in range(2):
+            async with http.get(pg.url(raw)) as resp:
+                await resp.read()
+    assert resp.status == 410
+    await pg.pg.stop()  # flushes the access log
+    forwarded, blocked = log.read_text().splitlines()  # one line each, whatever the id holds
+    assert blocked.isascii()
+    same_order = [key for key in json.loads(forwarded) if key != "upstream_ms"]
+    assert list(json.loads(blocked)) == [*same_order, "pollguard"]
+    assert json.loads(blocked) | {"time": "", "remote": "", "ms": 0, "bytes": 0} == {
+        "time": "", "remote": "", "method": "GET", "path": raw, "status": 410, "bytes": 0,
+        "ms": 0, "rule": "task-status", "outcome": "blocked", "task_id": 'a"}\n\\b\u2603',
+        "pollguard": "blocked",
+    }  # fmt: skip
