@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -45,9 +45,9 @@ _WS_HANDSHAKE = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class Forwarded:
-    """What happened to one forwarded request."""
+class Forwarded(NamedTuple):
+    """What happened to one forwarded request (a tuple: built for every request, 3x cheaper
+    than a frozen dataclass)."""
 
     response: web.StreamResponse
     status: int | None  # the upstream's status; None when pollguard answered (502, 504, 413, 408)

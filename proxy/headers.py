@@ -12,6 +12,8 @@ tests/test_forward.py runs the same cases through both.
 
 from __future__ import annotations
 
+import functools
+
 from aiohttp import web
 from aiohttp.http import HttpVersion, HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -30,7 +32,9 @@ _HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 _REQUEST_SKIP = frozenset(n.encode() for n in HOP_BY_HOP_REQUEST) | {
     b"x-forwarded-for", b"x-forwarded-proto", b"via",
 }  # fmt: skip
+_REQUEST_SKIP_HOST = _REQUEST_SKIP | {b"x-forwarded-host"}
 _RESPONSE_SKIP = _HOP | {b"via"}
+_VIA_LINE = f"Via: 1.1 {VIA}\r\n".encode()
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -40,19 +44,27 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     return frozenset(tokens)
 
 
+@functools.lru_cache(maxsize=256)
+def _skip_also(base: frozenset[bytes], connection: str) -> frozenset[bytes]:
+    tokens = {t.strip().lower() for t in connection.split(",")}
+    return base | {t.encode("utf-8", "surrogateescape") for t in tokens}
+
+
 def _skipped(headers: CIMultiDictProxy[str], base: frozenset[bytes]) -> frozenset[bytes]:
     """`base` plus the names the Connection field lists (lower case, as bytes)."""
-    if "Connection" not in headers:
+    connection = headers.getall("Connection", None)
+    if connection is None:
         return base
-    return base | {t.encode("utf-8", "surrogateescape") for t in _connection_tokens(headers)}
+    # A client sends the same few values ("keep-alive", "close"): each worked out once.
+    return _skip_also(base, ",".join(connection))
 
 
-def _lines(raw: RawHeaders, skip: frozenset[bytes], out: list[bytes]) -> None:
-    for name, value in raw:
-        lower = name.lower()
-        if lower in skip or lower.startswith(b"proxy-"):
-            continue
-        out.append(b"%s: %s\r\n" % (name, value))
+def _lines(raw: RawHeaders, skip: frozenset[bytes]) -> list[bytes]:
+    return [
+        b"%s: %s\r\n" % field
+        for field in raw
+        if (lower := field[0].lower()) not in skip and lower[:6] != b"proxy-"
+    ]
 
 
 def _str_bytes(text: str) -> bytes:
@@ -60,15 +72,20 @@ def _str_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+@functools.lru_cache(maxsize=8)
+def _hop(version: HttpVersion) -> str:
+    return f"{version.major}.{version.minor} {VIA}"
+
+
 def _via(prior: list[str], version: HttpVersion) -> str:
-    hop = f"{version.major}.{version.minor} {VIA}"
+    hop = _hop(version)
     return f"{', '.join(prior)}, {hop}" if prior else hop
 
 
 def _forwarded_for(request: web.BaseRequest) -> str:
     peer = request.remote or "unknown"
-    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
-    return f"{prior}, {peer}" if prior else peer
+    prior = request.headers.getall("X-Forwarded-For", None)
+    return f"{', '.join(prior)}, {peer}" if prior else peer
 
 
 def request_head(request: web.BaseRequest, target: str, authority: str) -> bytes:
@@ -76,16 +93,21 @@ def request_head(request: web.BaseRequest, target: str, authority: str) -> bytes
     fields as they came, then X-Forwarded-*, Via, and Host if the client sent none."""
     src = request.headers
     host = src.get("Host")
-    skip = _skipped(src, _REQUEST_SKIP if host is None else _REQUEST_SKIP | {b"x-forwarded-host"})
-    out = [_str_bytes(f"{request.method} {target} HTTP/1.1\r\n")]
-    _lines(request.raw_headers, skip, out)
-    own = (
-        f"X-Forwarded-For: {_forwarded_for(request)}\r\n"
-        f"X-Forwarded-Proto: {request.scheme}\r\n"
-        + (f"Host: {authority}\r\n" if host is None else f"X-Forwarded-Host: {host}\r\n")
-        + f"Via: {_via(src.getall('Via', []), request.version)}\r\n\r\n"
+    if host is None:
+        own = f"Host: {authority}\r\n"
+        skip = _skipped(src, _REQUEST_SKIP)
+    else:
+        own = f"X-Forwarded-Host: {host}\r\n"
+        skip = _skipped(src, _REQUEST_SKIP_HOST)
+    out = _lines(request.raw_headers, skip)
+    out.insert(0, _str_bytes(f"{request.method} {target} HTTP/1.1\r\n"))
+    out.append(
+        _str_bytes(
+            f"X-Forwarded-For: {_forwarded_for(request)}\r\n"
+            f"X-Forwarded-Proto: {request.scheme}\r\n{own}"
+            f"Via: {_via(src.getall('Via', []), request.version)}\r\n\r\n"
+        )
     )
-    out.append(_str_bytes(own))
     return b"".join(out)
 
 
@@ -95,9 +117,9 @@ def response_fields(src: CIMultiDictProxy[str], raw: RawHeaders) -> bytes:
     ValueError if a field would break the framing: aiohttp parses answers leniently,
     and a stray CR in a value must not start a line of the upstream's choosing here.
     """
-    out: list[bytes] = []
-    _lines(raw, _skipped(src, _RESPONSE_SKIP), out)
-    out.append(_str_bytes(f"Via: {_via(src.getall('Via', []), HttpVersion11)}\r\n"))
+    out = _lines(raw, _skipped(src, _RESPONSE_SKIP))
+    prior = src.getall("Via", None)
+    out.append(_VIA_LINE if prior is None else _str_bytes(f"Via: {_via(prior, HttpVersion11)}\r\n"))
     data = b"".join(out)
     if data.count(b"\r") != len(out) or data.count(b"\n") != len(out):
         raise ValueError("a CR or LF inside an upstream header field")
