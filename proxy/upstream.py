@@ -13,6 +13,7 @@ ClientSession (forward.py).
 from __future__ import annotations
 
 import asyncio
+import time
 
 from aiohttp.client_exceptions import ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
@@ -23,6 +24,22 @@ from aiohttp.streams import StreamReader
 # connection turns out to have been closed by the upstream just as it was reused
 # (aiohttp's ClientSession does the same).
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class _Connection(ResponseHandler):
+    """aiohttp's client protocol, plus: bytes arriving while the connection sits idle in
+    the pool (an upstream speaking out of turn) close it, so they can never be taken for
+    the answer to the next request sent on it."""
+
+    idle = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle:
+            self.force_close()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        super().data_received(data)
 
 
 class UpstreamPool:
@@ -51,11 +68,11 @@ class UpstreamPool:
         # gunicorn 2 s is the exception the retry covers), as aiohttp's connector does.
         self._keepalive = keepalive_timeout
         self._max_idle = max_idle
-        self._idle: list[tuple[ResponseHandler, float]] = []
+        self._idle: list[tuple[_Connection, float]] = []
 
     async def exchange(
         self, method: str, head: bytes
-    ) -> tuple[ResponseHandler, RawResponseMessage, StreamReader]:
+    ) -> tuple[_Connection, RawResponseMessage, StreamReader]:
         """Send `head` and wait for the response's head (1xx interim answers skipped).
 
         Raises TimeoutError for a connect or read timeout (aiohttp's ServerTimeoutError is
@@ -72,43 +89,49 @@ class UpstreamPool:
         proto = await self._connect()
         return await self._send(proto, method, head)
 
-    def release(self, proto: ResponseHandler) -> None:
+    def release(self, proto: _Connection) -> None:
         """Take back a connection whose response was read to its end, or close it."""
         if proto.should_close or not proto.is_connected() or len(self._idle) >= self._max_idle:
             proto.close()
             return
-        self._idle.append((proto, asyncio.get_running_loop().time()))
+        proto.idle = True
+        self._idle.append((proto, time.monotonic()))
 
     def close(self) -> None:
         for proto, _ in self._idle:
             proto.close()
         self._idle.clear()
 
-    def _reuse(self) -> ResponseHandler | None:
+    def _reuse(self) -> _Connection | None:
         idle = self._idle
         if not idle:
             return None
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         while idle:
             proto, since = idle.pop()
-            if now - since < self._keepalive and proto.is_connected():
+            if now - since < self._keepalive and proto.is_connected() and not proto.should_close:
+                proto.idle = False
                 return proto
             proto.close()
         return None
 
-    async def _connect(self) -> ResponseHandler:
+    async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout):
             _, proto = await loop.create_connection(
-                lambda: ResponseHandler(loop), self._host, self._port
+                lambda: _Connection(loop), self._host, self._port
             )
         return proto
 
     async def _send(
-        self, proto: ResponseHandler, method: str, head: bytes
-    ) -> tuple[ResponseHandler, RawResponseMessage, StreamReader]:
+        self, proto: _Connection, method: str, head: bytes
+    ) -> tuple[_Connection, RawResponseMessage, StreamReader]:
+        # read_until_eof: an answer with neither Content-Length nor chunking ends at the close
         proto.set_response_params(
-            skip_payload=method == "HEAD", auto_decompress=False, read_timeout=self._read_timeout
+            skip_payload=method == "HEAD",
+            read_until_eof=True,
+            auto_decompress=False,
+            read_timeout=self._read_timeout,
         )
         try:
             transport = proto.transport
@@ -118,7 +141,9 @@ class UpstreamPool:
             proto.start_timeout()
             message, payload = await proto.read()
             while 100 <= message.code < 200 and message.code != 101:
-                message, payload = await proto.read()  # 103 Early Hints and the like
+                # 103 Early Hints and the like; the parser stopped the read timer at it
+                proto.start_timeout()
+                message, payload = await proto.read()
         except BaseException:  # a cancelled request too: the answer would land on the next
             proto.close()
             raise

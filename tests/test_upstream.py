@@ -1,0 +1,777 @@
+"""The lean keep-alive pool (proxy/upstream.py) and the answers it relays (forward.Relayed).
+
+Bodiless requests to an http:// upstream go through UpstreamPool, not aiohttp's
+ClientSession. The upstreams here are raw asyncio servers that number their connections
+and the requests on each, so a test can tell which connection a request travelled on,
+and misbehave in ways aiohttp's server will not: closing a kept-alive connection
+without a word, 1xx interim answers, a bare CR in a header value, answers with no
+length. Clients are raw sockets too, so the bytes pollguard sends can be compared whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from proxy.upstream import UpstreamPool
+from tests.conftest import Running, StartPollguard
+
+# --- a raw upstream that numbers its connections ---------------------------------------
+
+
+@dataclass
+class Request:
+    """One request head as the upstream read it, with the connection to answer on."""
+
+    conn: int  # 1-based: which upstream connection it came on
+    nth: int  # 1-based: which request on that connection
+    head: bytes
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    @property
+    def method(self) -> str:
+        return self.head.split(b" ", 1)[0].decode()
+
+    @property
+    def path(self) -> str:
+        return self.head.split(b" ", 2)[1].decode()
+
+
+Answer = Callable[[Request], Awaitable[None]]
+
+
+@dataclass
+class Backend:
+    """A TCP server that reads each request head and lets `answer` reply as it likes."""
+
+    answer: Answer
+    port: int = 0
+    accepted: int = 0
+    seen: list[tuple[int, int, str, str]] = field(default_factory=list)  # conn, nth, method, path
+    notes: list[str] = field(default_factory=list)  # what answers want the test to know
+    server: asyncio.Server | None = None
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.append(task)
+        self.writers.append(writer)
+        self.accepted += 1
+        conn, nth = self.accepted, 0
+        try:
+            while not writer.is_closing():
+                head = await reader.readuntil(b"\r\n\r\n")
+                nth += 1
+                request = Request(conn, nth, head, reader, writer)
+                self.seen.append((conn, nth, request.method, request.path))
+                await self.answer(request)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            pass  # the test's end; asyncio would log a cancelled connection task as an error
+        finally:
+            writer.close()
+
+    def paths(self) -> list[str]:
+        return [path for _, _, _, path in self.seen]
+
+
+StartBackend = Callable[[Answer], Awaitable[Backend]]
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[StartBackend]:
+    started: list[Backend] = []
+
+    async def start(answer: Answer) -> Backend:
+        up = Backend(answer)
+        up.server = await asyncio.start_server(up._serve, "127.0.0.1", 0)
+        up.port = up.server.sockets[0].getsockname()[1]
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        assert up.server is not None
+        up.server.close()
+        for writer in up.writers:
+            writer.transport.abort()  # ends every answer still waiting on its reader
+        for task in up.tasks:
+            task.cancel()  # and every one sleeping
+        await asyncio.gather(*up.tasks, return_exceptions=True)
+        await up.server.wait_closed()
+
+
+def ok(body: bytes, *fields: bytes) -> bytes:
+    """A complete HTTP/1.1 200 with a Content-Length (keep-alive by default)."""
+    lines = b"".join(f + b"\r\n" for f in fields)
+    return b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (lines, len(body), body)
+
+
+def answer_to(request: Request, body: bytes) -> bytes:
+    """ok(body), with the body left out for a HEAD (its length stays)."""
+    answer = ok(body)
+    return answer[: -len(body)] if request.method == "HEAD" and body else answer
+
+
+async def by_path(request: Request) -> None:
+    """The plainest upstream: the path back as the body, on a kept-alive connection."""
+    request.writer.write(answer_to(request, request.path.encode()))
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 2.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+# --- raw HTTP on the client side --------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    head: bytes  # status line and fields, up to and including the blank line
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def getall(self, name: str) -> list[str]:
+        return [v for n, v in self.headers if n.lower() == name.lower()]
+
+    def get(self, name: str) -> str | None:
+        values = self.getall(name)
+        return values[0] if values else None
+
+
+class Client:
+    """One raw client connection to pollguard's port."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def reply(self, *, head: bool = False, timeout: float = 3.0) -> Reply:
+        """One response off the wire, framed by its own headers (1xx are NOT skipped)."""
+        async with asyncio.timeout(timeout):
+            raw = await self.reader.readuntil(b"\r\n\r\n")
+            lines = raw[:-4].split(b"\r\n")
+            status = int(lines[0].split(b" ", 2)[1])
+            headers = []
+            for line in lines[1:]:
+                name, _, value = line.decode("latin-1").partition(":")
+                headers.append((name, value.strip()))
+            reply = Reply(status, raw, headers, b"")
+            if head or status in (204, 304) or status < 200:
+                return reply
+            if "chunked" in (reply.get("Transfer-Encoding") or "").lower():
+                body = bytearray()
+                while size := int((await self.reader.readline()).split(b";")[0], 16):
+                    body += await self.reader.readexactly(size)
+                    await self.reader.readexactly(2)
+                while await self.reader.readline() not in (b"\r\n", b""):
+                    pass
+                reply.body = bytes(body)
+            elif (length := reply.get("Content-Length")) is not None:
+                reply.body = await self.reader.readexactly(int(length))
+            else:
+                reply.body = await self.reader.read()
+            return reply
+
+    async def get(self, path: str, method: str = "GET") -> Reply:
+        await self.send(f"{method} {path} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        return await self.reply(head=method == "HEAD")
+
+
+Connect = Callable[[Running], Awaitable[Client]]
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Connect]:
+    opened: list[asyncio.StreamWriter] = []
+
+    async def open_conn(pg: Running) -> Client:
+        assert pg.pg.proxy_address is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", pg.pg.proxy_address.port)
+        opened.append(writer)
+        return Client(reader, writer)
+
+    yield open_conn
+    for writer in opened:
+        writer.close()
+
+
+async def through(start_pollguard: StartPollguard, up: Backend, **settings: float) -> Running:
+    """pollguard in front of `up`; a short drain so a stuck request cannot stall teardown."""
+    return await start_pollguard(upstream_url=up.url, drain_timeout=1.0, **settings)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# --- 1. keep-alive reuse ----------------------------------------------------------------
+
+
+async def test_sequential_gets_share_one_upstream_connection(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    up = await backend(by_path)
+    pg = await through(start_pollguard, up)
+    for i in range(5):  # a new client connection each time: the pool is not per client
+        client = await connect(pg)
+        reply = await client.get(f"/r{i}")
+        assert (reply.status, reply.body) == (200, f"/r{i}".encode())
+    kept = await connect(pg)
+    for i in range(5, 10):
+        assert (await kept.get(f"/r{i}")).body == f"/r{i}".encode()
+    assert up.accepted == 1
+    assert up.seen == [(1, i + 1, "GET", f"/r{i}") for i in range(10)]
+
+
+async def test_concurrent_gets_open_a_connection_each_and_all_are_kept(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    async def slow(request: Request) -> None:
+        await asyncio.sleep(0.1)  # all four are in flight at once
+        request.writer.write(ok(request.path.encode()))
+
+    up = await backend(slow)
+    pg = await through(start_pollguard, up)
+    clients = [await connect(pg) for _ in range(4)]
+    replies = await asyncio.gather(*(c.get(f"/c{i}") for i, c in enumerate(clients)))
+    assert [r.body for r in replies] == [f"/c{i}".encode() for i in range(4)]
+    assert up.accepted == 4
+    # the four went back to the pool: four more in parallel need no new connection
+    replies = await asyncio.gather(*(c.get(f"/d{i}") for i, c in enumerate(clients)))
+    assert [r.body for r in replies] == [f"/d{i}".encode() for i in range(4)]
+    assert up.accepted == 4
+    assert sorted(conn for conn, nth, _, _ in up.seen if nth == 2) == [1, 2, 3, 4]
+
+
+# --- 2. a kept-alive connection the upstream closed -------------------------------------
+
+
+async def test_an_upstream_closing_after_each_answer_costs_no_502(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    async def one_shot(request: Request) -> None:
+        # no `Connection: close`: the proxy learns of the close only from the socket
+        request.writer.write(ok(request.path.encode()))
+        await request.writer.drain()
+        request.writer.close()
+
+    up = await backend(one_shot)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    for i in range(5):
+        for method in ("GET", "POST"):  # a bodiless POST as well: nothing to retry here
+            reply = await client.get(f"/{method}{i}", method)
+            assert (reply.status, reply.body) == (200, f"/{method}{i}".encode())
+            await asyncio.sleep(0.05)  # the FIN reaches pollguard's idle connection
+    assert up.accepted == 10
+    assert all(nth == 1 for _, nth, _, _ in up.seen)
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+async def test_a_get_on_a_connection_closed_as_it_was_reused_is_retried_once(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, how: str
+) -> None:
+    async def idle_closer(request: Request) -> None:
+        if request.nth == 1:
+            request.writer.write(answer_to(request, request.path.encode()))
+        elif how == "fin":  # the upstream's idle timer fired just as the request came
+            request.writer.close()
+        else:
+            request.writer.transport.abort()
+
+    up = await backend(idle_closer)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    assert (await client.get("/first")).body == b"/first"
+    reply = await client.get("/second")
+    assert (reply.status, reply.body) == (200, b"/second")
+    # sent on the kept connection, lost there, sent again on a fresh one
+    assert up.seen == [(1, 1, "GET", "/first"), (1, 2, "GET", "/second"), (2, 1, "GET", "/second")]
+
+    reply = await client.get("/third", "HEAD")  # HEAD is idempotent too
+    assert (reply.status, reply.get("Content-Length")) == (200, "6")
+    assert up.seen[-2:] == [(2, 2, "HEAD", "/third"), (3, 1, "HEAD", "/third")]
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+async def test_a_bodiless_post_on_a_connection_closed_as_it_was_reused_is_not_retried(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, how: str
+) -> None:
+    async def idle_closer(request: Request) -> None:
+        if request.nth == 1:
+            request.writer.write(ok(request.path.encode()))
+        elif how == "fin":
+            request.writer.close()
+        else:
+            request.writer.transport.abort()
+
+    up = await backend(idle_closer)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    assert (await client.get("/first")).body == b"/first"
+    started = time.monotonic()
+    reply = await client.get("/submit", "POST")
+    assert reply.status == 502  # the upstream may have acted on it: not sent a second time
+    assert reply.get("X-Pollguard") == "error"
+    assert time.monotonic() - started < 0.5
+    assert up.seen == [(1, 1, "GET", "/first"), (1, 2, "POST", "/submit")]
+    # the broken connection is gone; the next request gets a fresh one
+    reply = await client.get("/after")
+    assert (reply.status, reply.body) == (200, b"/after")
+    assert up.seen[-1] == (2, 1, "GET", "/after")
+
+
+async def test_a_retried_get_that_fails_again_is_a_502_not_a_third_try(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    async def first_only(request: Request) -> None:
+        if request.conn == 1 and request.nth == 1:
+            request.writer.write(ok(b"first"))
+        else:
+            request.writer.transport.abort()
+
+    up = await backend(first_only)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    assert (await client.get("/first")).body == b"first"
+    reply = await client.get("/doomed")
+    assert reply.status == 502
+    assert up.paths() == ["/first", "/doomed", "/doomed"]
+
+
+# --- 3. 1xx interim answers -------------------------------------------------------------
+
+
+async def test_1xx_interim_answers_are_skipped_and_the_final_answer_relayed(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    async def hints(request: Request) -> None:
+        w = request.writer
+        w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        w.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(0.05)  # the final answer in a later packet
+        w.write(ok(b"final " + request.path.encode(), b"X-Final: yes"))
+
+    up = await backend(hints)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    for path in ("/a", "/b"):
+        reply = await client.get(path)  # the first status line on the wire is the 200
+        assert (reply.status, reply.body) == (200, b"final " + path.encode())
+        assert reply.get("X-Final") == "yes"
+        assert reply.get("Link") is None
+    assert up.accepted == 1  # the connection stayed in step
+
+
+async def test_an_upstream_going_silent_after_a_1xx_is_a_504_after_upstream_timeout(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    async def hint_then_silence(request: Request) -> None:
+        request.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+        await request.writer.drain()
+        async with asyncio.timeout(5):
+            await request.reader.read()  # nothing more, until pollguard hangs up
+
+    up = await backend(hint_then_silence)
+    pg = await through(start_pollguard, up, upstream_timeout=0.3)
+    client = await connect(pg)
+    started = time.monotonic()
+    reply = await client.get("/hinted")  # fails on the client's 3 s bound if nothing comes
+    assert reply.status == 504
+    assert time.monotonic() - started < 1.3
+
+
+# --- 4. a bare CR in an upstream header -------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [2, 100_000], ids=["relayed", "streamed"])
+async def test_a_bare_cr_in_an_upstream_header_is_a_502_not_a_forged_line(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, size: int
+) -> None:
+    async def forger(request: Request) -> None:
+        if request.path == "/forged":
+            request.writer.write(ok(b"x" * size, b"X-Note: a\rInjected: yes"))
+        else:
+            request.writer.write(ok(b"fine"))
+
+    up = await backend(forger)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    await client.send(b"GET /forged HTTP/1.1\r\nHost: h\r\n\r\n")
+    reply = await client.reply()
+    assert reply.status == 502
+    assert reply.get("X-Pollguard") == "error"
+    lines = re.split(rb"\r\n|\r|\n", reply.head)
+    assert not any(line.lower().startswith(b"injected") for line in lines), reply.head
+    assert b"Injected" not in reply.head
+    # the proxy, this client connection and the pool keep serving
+    assert (await client.get("/next")).body == b"fine"
+    other = await connect(pg)
+    assert (await other.get("/other")).body == b"fine"
+
+
+# --- 5. a client hanging up while the upstream thinks -----------------------------------
+
+
+async def test_a_client_hanging_up_closes_its_upstream_connection_and_no_late_answer_leaks(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    async def late_first(request: Request) -> None:
+        if request.path != "/slow":
+            request.writer.write(ok(request.path.encode()))
+            return
+        try:
+            async with asyncio.timeout(2):
+                rest = await request.reader.read()  # b"" once pollguard hangs up on us
+            up.notes.append(f"closed by pollguard, after {rest!r}")
+        except TimeoutError:
+            up.notes.append("still open after 2 s")
+        request.writer.write(ok(b"late answer to /slow"))
+
+    up = await backend(late_first)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    assert (await client.get("/warm")).body == b"/warm"  # a kept connection to reuse
+    hasty = await connect(pg)
+    await hasty.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+    await wait_for(lambda: "/slow" in up.paths())
+    hasty.writer.close()
+    await wait_for(lambda: bool(up.notes))
+    assert up.notes == ["closed by pollguard, after b''"]
+
+    reply = await client.get("/fast")
+    assert (reply.status, reply.body) == (200, b"/fast")
+    assert up.seen == [(1, 1, "GET", "/warm"), (1, 2, "GET", "/slow"), (2, 1, "GET", "/fast")]
+
+
+async def test_a_client_hanging_up_mid_stream_closes_the_upstream_connection(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    async def trickle(request: Request) -> None:
+        if request.path != "/stream":
+            request.writer.write(ok(request.path.encode()))
+            return
+        size = 1_000_000
+        request.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        try:
+            for _ in range(size // 10_000):
+                request.writer.write(b"s" * 10_000)
+                await request.writer.drain()
+                await asyncio.sleep(0.02)
+            up.notes.append("sent it all")
+        except ConnectionError:
+            up.notes.append("cut off")
+            raise
+
+    up = await backend(trickle)
+    pg = await through(start_pollguard, up)
+    hasty = await connect(pg)
+    await hasty.send(b"GET /stream HTTP/1.1\r\nHost: h\r\n\r\n")
+    async with asyncio.timeout(2):
+        assert (await hasty.reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        await hasty.reader.readexactly(1000)  # the body is flowing
+    hasty.writer.transport.abort()
+    await wait_for(lambda: bool(up.notes))
+    assert up.notes == ["cut off"]  # not drained to its end for the pool's sake
+
+    client = await connect(pg)
+    reply = await client.get("/after")
+    assert (reply.status, reply.body) == (200, b"/after")
+    assert up.seen[-1] == (2, 1, "GET", "/after")
+
+
+async def test_an_idle_pooled_connection_that_receives_an_unasked_answer_is_not_reused(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    """An upstream that answers twice (a bug, or the late half of a desync) must not get
+    its extra answer delivered to the next request: nginx closes an idle upstream
+    connection that turns readable; aiohttp's parser would queue it as the next reply."""
+
+    async def twice(request: Request) -> None:
+        request.writer.write(ok(request.path.encode()))
+        if request.path == "/first":
+            await request.writer.drain()
+            await asyncio.sleep(0.05)  # pollguard has released the connection to its pool
+            request.writer.write(ok(b"unasked answer"))
+            up.notes.append("extra sent")
+
+    up = await backend(twice)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    assert (await client.get("/first")).body == b"/first"
+    await wait_for(lambda: bool(up.notes))
+    await asyncio.sleep(0.05)  # the extra bytes reach pollguard's idle connection
+    reply = await client.get("/second")
+    assert (reply.status, reply.body) == (200, b"/second")
+
+
+# --- 6. what Relayed puts on the wire ---------------------------------------------------
+
+DATE = rb"Date: [A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT\r\n"
+
+
+async def test_relayed_answers_keep_field_names_order_and_bytes_minus_hop_by_hop(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    async def fancy(request: Request) -> None:
+        dated = request.path == "/dated"
+        request.writer.write(
+            b"HTTP/1.1 200 Fine Thanks\r\n"
+            b"x-CUSTOM-Case: A\r\n"
+            b"Connection: keep-alive, X-Hop\r\n"
+            b"X-Hop: secret\r\n"
+            b"Keep-Alive: timeout=5, max=100\r\n"
+            b"X-Latin: caf\xe9 cr\xe8me\r\n"
+            b"Via: 1.0 backend\r\n"
+            b"Set-Cookie: a=1\r\n"
+            b"Content-Length: 2\r\n"
+            + (b"DATE: Mon, 01 Jan 2024 00:00:00 GMT\r\n" if dated else b"")
+            + b"set-cookie: b=2\r\n"
+            b"\r\nok"
+        )
+
+    up = await backend(fancy)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+
+    reply = await client.get("/plain")
+    assert reply.body == b"ok"
+    assert re.fullmatch(
+        rb"HTTP/1\.1 200 Fine Thanks\r\n"
+        rb"x-CUSTOM-Case: A\r\n"
+        rb"X-Latin: caf\xe9 cr\xe8me\r\n"
+        rb"Set-Cookie: a=1\r\n"
+        rb"Content-Length: 2\r\n"
+        rb"set-cookie: b=2\r\n"
+        rb"Via: 1\.0 backend, 1\.1 pollguard\r\n" + DATE + rb"\r\n",
+        reply.head,
+    ), reply.head
+
+    reply = await client.get("/dated")  # the upstream's own Date, and no second one
+    assert reply.head == (
+        b"HTTP/1.1 200 Fine Thanks\r\n"
+        b"x-CUSTOM-Case: A\r\n"
+        b"X-Latin: caf\xe9 cr\xe8me\r\n"
+        b"Set-Cookie: a=1\r\n"
+        b"Content-Length: 2\r\n"
+        b"DATE: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+        b"set-cookie: b=2\r\n"
+        b"Via: 1.0 backend, 1.1 pollguard\r\n"
+        b"\r\n"
+    )
+    assert reply.body == b"ok"
+    assert up.accepted == 1
+
+
+async def test_relayed_answers_to_http10_clients_and_on_close(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    async def plain(request: Request) -> None:
+        request.writer.write(ok(b"hi", b"Date: Mon, 01 Jan 2024 00:00:00 GMT"))
+
+    up = await backend(plain)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    await client.send(b"GET /10 HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n")
+    reply = await client.reply()
+    assert reply.head == (
+        b"HTTP/1.0 200 OK\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nContent-Length: 2\r\n"
+        b"Via: 1.1 pollguard\r\nConnection: keep-alive\r\n\r\n"
+    )
+    await client.send(b"GET /11 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    reply = await client.reply()
+    assert reply.head.endswith(b"Via: 1.1 pollguard\r\nConnection: close\r\n\r\n")
+    assert reply.body == b"hi"
+    async with asyncio.timeout(2):
+        assert await client.reader.read() == b""  # and pollguard hangs up as it said
+    assert up.accepted == 1  # the client's Connection: close is not the upstream's
+
+
+# --- 7. HEAD ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [12_345, 5_000_000])
+async def test_head_keeps_the_upstream_length_sends_no_body_and_keeps_both_connections(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, length: int
+) -> None:
+    async def sized(request: Request) -> None:
+        body = b"g" * 10
+        if request.method == "HEAD":
+            request.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length)
+        else:
+            request.writer.write(ok(body))
+
+    up = await backend(sized)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    for _ in range(2):
+        reply = await client.get("/h", "HEAD")
+        assert reply.status == 200
+        assert reply.getall("Content-Length") == [str(length)]
+        reply = await client.get("/g")  # a stray body byte would garble this status line
+        assert (reply.status, reply.body) == (200, b"g" * 10)
+    assert up.accepted == 1
+    assert [m for _, _, m, _ in up.seen] == ["HEAD", "GET", "HEAD", "GET"]
+
+
+# --- 8. a body delimited by the close ---------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [10, 300_000])
+async def test_a_body_ended_by_the_close_streams_through_and_its_connection_is_not_kept(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, size: int
+) -> None:
+    body = bytes(range(256)) * (size // 256) + b"e" * (size % 256)
+
+    async def until_close(request: Request) -> None:
+        if request.path != "/eof":
+            request.writer.write(ok(request.path.encode()))
+            return
+        version = b"1.0" if request.conn == 1 else b"1.1"
+        request.writer.write(b"HTTP/%s 200 OK\r\nX-Framing: none\r\n\r\n" % version)
+        for i in range(0, len(body), 50_000):
+            request.writer.write(body[i : i + 50_000])
+            await request.writer.drain()
+            await asyncio.sleep(0.01)
+        request.writer.close()
+
+    up = await backend(until_close)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    for _ in range(2):  # once from an HTTP/1.0 upstream, once from an HTTP/1.1 one
+        reply = await client.get("/eof")
+        assert (reply.status, reply.body) == (200, body)
+        assert reply.get("X-Framing") == "none"
+        assert reply.get("Transfer-Encoding") == "chunked"  # re-framed for a kept client
+        reply = await client.get("/next")
+        assert reply.body == b"/next"
+    # a connection that carried an answer ended by its close carries nothing after it
+    assert [(conn, nth, path) for conn, nth, _, path in up.seen] == [
+        (1, 1, "/eof"), (2, 1, "/next"), (2, 2, "/eof"), (3, 1, "/next"),
+    ]  # fmt: skip
+
+
+# --- 9. failures: refused, silent -------------------------------------------------------
+
+
+async def test_a_refused_connect_is_a_fast_502(
+    start_pollguard: StartPollguard, connect: Connect
+) -> None:
+    pg = await start_pollguard(upstream_url=f"http://127.0.0.1:{free_port()}")
+    client = await connect(pg)
+    for method in ("GET", "HEAD", "DELETE"):
+        started = time.monotonic()
+        reply = await client.get("/down", method)
+        assert reply.status == 502
+        assert reply.get("X-Pollguard") == "error"
+        assert time.monotonic() - started < 0.5
+
+
+async def test_a_silent_upstream_is_a_504_after_upstream_timeout_and_is_not_reused(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    async def first_silent(request: Request) -> None:
+        if request.conn > 1:
+            request.writer.write(ok(request.path.encode()))
+            return
+        async with asyncio.timeout(5):
+            await request.reader.read()
+        up.notes.append("closed by pollguard")
+
+    up = await backend(first_silent)
+    pg = await through(start_pollguard, up, upstream_timeout=0.3)
+    client = await connect(pg)
+    started = time.monotonic()
+    reply = await client.get("/silent")
+    assert reply.status == 504
+    assert 0.3 <= time.monotonic() - started < 1.3
+    await wait_for(lambda: bool(up.notes))
+    assert up.notes == ["closed by pollguard"]
+
+    reply = await client.get("/after")  # on a new connection, not the timed-out one
+    assert (reply.status, reply.body) == (200, b"/after")
+    assert up.seen[-1] == (2, 1, "GET", "/after")
+
+
+# --- UpstreamPool on its own ------------------------------------------------------------
+
+HEAD = b"GET /p HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+async def test_pool_drops_connections_idle_past_keepalive_timeout(backend: StartBackend) -> None:
+    up = await backend(by_path)
+    pool = UpstreamPool(
+        "127.0.0.1", up.port, connect_timeout=1, read_timeout=1, keepalive_timeout=0.1
+    )
+    try:
+        for pause in (0, 0.2, 0):
+            await asyncio.sleep(pause)
+            proto, message, payload = await pool.exchange("GET", HEAD)
+            assert (message.code, await payload.read()) == (200, b"/p")
+            pool.release(proto)
+    finally:
+        pool.close()
+    assert [(conn, nth) for conn, nth, _, _ in up.seen] == [(1, 1), (2, 1), (2, 2)]
+
+
+async def test_pool_keeps_at_most_max_idle_and_closes_an_unread_answer(
+    backend: StartBackend,
+) -> None:
+    async def slow(request: Request) -> None:
+        await asyncio.sleep(0.05)
+        if request.path == "/p":
+            request.writer.write(ok(b"/p"))
+            return
+        request.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.")
+        await request.writer.drain()
+        await asyncio.sleep(0.1)
+        request.writer.write(b"rest.")
+
+    up = await backend(slow)
+    pool = UpstreamPool("127.0.0.1", up.port, connect_timeout=1, read_timeout=1, max_idle=1)
+    try:
+        got = await asyncio.gather(*(pool.exchange("GET", HEAD) for _ in range(3)))
+        for proto, _, payload in got:
+            assert await payload.read() == b"/p"
+            pool.release(proto)
+        assert sum(proto.is_connected() for proto, _, _ in got) == 1
+
+        unread = b"GET /unread HTTP/1.1\r\nHost: h\r\n\r\n"
+        proto, _, payload = await pool.exchange("GET", unread)  # on the one kept
+        assert up.accepted == 3
+        pool.release(proto)  # its body not read to the end: closed, not kept
+        assert not proto.is_connected()
+        proto, _, payload = await pool.exchange("GET", HEAD)
+        assert await payload.read() == b"/p"
+        pool.release(proto)
+        assert up.accepted == 4
+    finally:
+        pool.close()
