@@ -253,7 +253,8 @@ class Forwarder:
         if request.method == "HEAD" or status in (204, 304) or status < 200:
             return Relayed(status, reason, src_headers, raw_headers, b"")
         if length is not None and length <= BUFFER_LIMIT:
-            body = await content.read()
+            # usually all there already, in the same read as the head: no await needed
+            body = content.read_nowait() if content.is_eof() else await content.read()
             return Relayed(status, reason, src_headers, raw_headers, body)
         headers = response_headers(src_headers)
         resp = web.StreamResponse(status=status, reason=reason, headers=headers)

@@ -34,7 +34,8 @@ _REQUEST_SKIP = frozenset(n.encode() for n in HOP_BY_HOP_REQUEST) | {
 }  # fmt: skip
 _REQUEST_SKIP_HOST = _REQUEST_SKIP | {b"x-forwarded-host"}
 _RESPONSE_SKIP = _HOP | {b"via"}
-_VIA_LINE = f"Via: 1.1 {VIA}\r\n".encode()
+_VIA_11 = f"1.1 {VIA}"
+_VIA_LINE = f"Via: {_VIA_11}\r\n".encode()
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -59,14 +60,6 @@ def _skipped(headers: CIMultiDictProxy[str], base: frozenset[bytes]) -> frozense
     return _skip_also(base, ",".join(connection))
 
 
-def _lines(raw: RawHeaders, skip: frozenset[bytes]) -> list[bytes]:
-    return [
-        b"%s: %s\r\n" % field
-        for field in raw
-        if (lower := field[0].lower()) not in skip and lower[:6] != b"proxy-"
-    ]
-
-
 def _str_bytes(text: str) -> bytes:
     # aiohttp decodes what it parsed as UTF-8 with surrogateescape: this gives the bytes back
     return text.encode("utf-8", "surrogateescape")
@@ -77,8 +70,8 @@ def _hop(version: HttpVersion) -> str:
     return f"{version.major}.{version.minor} {VIA}"
 
 
-def _via(prior: list[str], version: HttpVersion) -> str:
-    hop = _hop(version)
+def _via(prior: list[str] | None, version: HttpVersion) -> str:
+    hop = _VIA_11 if version is HttpVersion11 else _hop(version)
     return f"{', '.join(prior)}, {hop}" if prior else hop
 
 
@@ -88,24 +81,26 @@ def _forwarded_for(request: web.BaseRequest) -> str:
     return f"{', '.join(prior)}, {peer}" if prior else peer
 
 
+# The two builders below run for every forwarded request: loops inlined, on purpose.
+
+
 def request_head(request: web.BaseRequest, target: str, authority: str) -> bytes:
     """The whole request head for the upstream: request line, the client's end-to-end
     fields as they came, then X-Forwarded-*, Via, and Host if the client sent none."""
     src = request.headers
     host = src.get("Host")
-    if host is None:
-        own = f"Host: {authority}\r\n"
-        skip = _skipped(src, _REQUEST_SKIP)
-    else:
-        own = f"X-Forwarded-Host: {host}\r\n"
-        skip = _skipped(src, _REQUEST_SKIP_HOST)
-    out = _lines(request.raw_headers, skip)
-    out.insert(0, _str_bytes(f"{request.method} {target} HTTP/1.1\r\n"))
+    skip = _skipped(src, _REQUEST_SKIP if host is None else _REQUEST_SKIP_HOST)
+    out = [_str_bytes(f"{request.method} {target} HTTP/1.1\r\n")]
+    for field in request.raw_headers:
+        lower = field[0].lower()
+        if lower not in skip and lower[:6] != b"proxy-":
+            out.append(b"%s: %s\r\n" % field)
+    own = f"Host: {authority}" if host is None else f"X-Forwarded-Host: {host}"
+    via = _via(src.getall("Via", None), request.version)
     out.append(
         _str_bytes(
             f"X-Forwarded-For: {_forwarded_for(request)}\r\n"
-            f"X-Forwarded-Proto: {request.scheme}\r\n{own}"
-            f"Via: {_via(src.getall('Via', []), request.version)}\r\n\r\n"
+            f"X-Forwarded-Proto: {request.scheme}\r\n{own}\r\nVia: {via}\r\n\r\n"
         )
     )
     return b"".join(out)
@@ -117,7 +112,12 @@ def response_fields(src: CIMultiDictProxy[str], raw: RawHeaders) -> bytes:
     ValueError if a field would break the framing: aiohttp parses answers leniently,
     and a stray CR in a value must not start a line of the upstream's choosing here.
     """
-    out = _lines(raw, _skipped(src, _RESPONSE_SKIP))
+    skip = _skipped(src, _RESPONSE_SKIP)
+    out = []
+    for field in raw:
+        lower = field[0].lower()
+        if lower not in skip and lower[:6] != b"proxy-":
+            out.append(b"%s: %s\r\n" % field)
     prior = src.getall("Via", None)
     out.append(_VIA_LINE if prior is None else _str_bytes(f"Via: {_via(prior, HttpVersion11)}\r\n"))
     data = b"".join(out)
@@ -150,12 +150,12 @@ def request_headers(request: web.BaseRequest) -> CIMultiDict[str]:
     host = src.get("Host")
     if host is not None:
         out["X-Forwarded-Host"] = host
-    out["Via"] = _via(src.getall("Via", []), request.version)
+    out["Via"] = _via(src.getall("Via", None), request.version)
     return out
 
 
 def response_headers(src: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's headers minus hop-by-hop ones, plus Via."""
     out = _end_to_end(src, HOP_BY_HOP)
-    out["Via"] = _via(src.getall("Via", []), HttpVersion11)
+    out["Via"] = _via(src.getall("Via", None), HttpVersion11)
     return out
