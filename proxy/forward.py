@@ -205,19 +205,23 @@ class Forwarder:
         started = time.perf_counter()
         try:
             proto, message, payload = await pool.exchange(request.method, head)
-            elapsed = time.perf_counter() - started
-            try:
-                length = message.headers.get("Content-Length")
-                answer = await self._respond(
-                    request, message.code, message.reason, message.headers, message.raw_headers,
-                    int(length) if length is not None and not message.chunked else None, payload,
-                )  # fmt: skip
-            finally:
-                pool.release(proto)  # kept only if the answer was read to its end
         except (TimeoutError, aiohttp.ServerTimeoutError):
             return Forwarded(error_response(504, "upstream timed out"), None, None)
-        except (aiohttp.ClientError, HttpProcessingError, OSError, ValueError):
+        except (aiohttp.ClientError, HttpProcessingError, OSError):  # OSError: connect failed
             return Forwarded(error_response(502, "upstream unreachable"), None, None)
+        elapsed = time.perf_counter() - started
+        length = message.headers.get("Content-Length")
+        try:
+            answer = await self._respond(
+                request, message.code, message.reason, message.headers, message.raw_headers,
+                int(length) if length is not None and not message.chunked else None, payload,
+            )  # fmt: skip
+        except (TimeoutError, aiohttp.ServerTimeoutError):  # a body read whole, still unsent
+            return Forwarded(error_response(504, "upstream timed out"), None, None)
+        except (aiohttp.ClientError, ValueError):  # ValueError: a field that breaks framing
+            return Forwarded(error_response(502, "upstream unreachable"), None, None)
+        finally:
+            pool.release(proto)  # kept only if the answer was read to its end
         return Forwarded(answer, message.code, elapsed)
 
     async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
