@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.metrics import DURATION_BUCKETS, Metrics
 from tests.conftest import StartPollguard
 from tests.support import Upstream, rule_toml, ruleset
 
@@ -97,3 +99,55 @@ async def test_health_and_readiness(
     async with http.get(pg.admin("/readyz")) as resp:
         assert resp.status == 200
         assert (await resp.json())["checks"] == {"rules": "1 loaded", "state": "ok"}
+
+
+def test_per_rule_series_expose_as_prometheus_clients_own_would() -> None:
+    """The hot series are ours (no lock per inc); their exposition must not tell."""
+    ours = Metrics(CollectorRegistry())
+    ours.use_rules(["task-status"])
+    theirs = CollectorRegistry()
+    requests = Counter("pollguard_requests_total", "", ["rule", "outcome"], registry=theirs)
+    misses = Counter("pollguard_upstream_misses_total", "", ["rule"], registry=theirs)
+    blocked = Counter("pollguard_keys_blocked_total", "", ["rule"], registry=theirs)
+    duration = Histogram(
+        "pollguard_upstream_duration_seconds", "", ["rule"], buckets=DURATION_BUCKETS,
+        registry=theirs,
+    )  # fmt: skip
+    for rule in ("none", "task-status"):
+        for outcome in OUTCOMES:
+            requests.labels(rule, outcome)
+        misses.labels(rule)
+        blocked.labels(rule)
+        duration.labels(rule)
+    m = ours.rule("task-status")
+    for seconds in (0.0005, 0.001, 0.0011, 0.3, 1, 29.9, 30, 31):  # on, under and over bounds
+        m.duration.observe(seconds)
+        duration.labels("task-status").observe(seconds)
+    for outcome, times in (("forwarded", 3), ("blocked", 2), ("would_block", 1)):
+        for _ in range(times):
+            m.outcomes[outcome].inc()
+            requests.labels("task-status", outcome).inc()
+    m.misses.inc()
+    misses.labels("task-status").inc()
+    m.keys_blocked.inc()
+    blocked.labels("task-status").inc()
+
+    def exposed(
+        registry: CollectorRegistry,
+    ) -> dict[tuple[str, str, tuple[tuple[str, str], ...]], float]:
+        names = {"pollguard_requests", "pollguard_upstream_misses", "pollguard_keys_blocked",
+                 "pollguard_upstream_duration_seconds"}  # fmt: skip
+        return {
+            (family.type, s.name, tuple(sorted(s.labels.items()))):
+                0.0 if s.name.endswith("_created") else s.value
+            for family in registry.collect() if family.name in names
+            for s in family.samples
+        }  # fmt: skip
+
+    assert exposed(ours.registry) == exposed(theirs)
+    assert (
+        generate_latest(ours.registry).count(
+            b"# TYPE pollguard_upstream_duration_seconds histogram"
+        )
+        == 1
+    )
