@@ -52,8 +52,15 @@ class ProxyHandler:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         hit = self._matcher.match(request.method, request.raw_path)
-        if hit is None:
-            return await self._pass(request)
+        if hit is None:  # no rule: forwarded and counted as "none", inline (no coroutine more)
+            fwd = await self.forwarder.forward(request)
+            none = self._none
+            if fwd.upstream_seconds is not None:
+                none.duration.observe(fwd.upstream_seconds)
+            outcome = "forwarded" if fwd.status is not None else "upstream_error"
+            none.outcomes[outcome].inc()
+            request[DECISION] = (NO_RULE, None, outcome, fwd.upstream_seconds)
+            return fwd.response
         rule, task_id = hit
         metrics = self.metrics.rule(rule.name)
         try:
@@ -79,16 +86,6 @@ class ProxyHandler:
             await self._record(rule, task_id, fwd.status, metrics)
         metrics.outcomes[outcome].inc()
         request[DECISION] = (rule.name, task_id, outcome, fwd.upstream_seconds)
-        return fwd.response
-
-    async def _pass(self, request: web.BaseRequest) -> web.StreamResponse:
-        fwd = await self.forwarder.forward(request)
-        none = self._none
-        if fwd.upstream_seconds is not None:
-            none.duration.observe(fwd.upstream_seconds)
-        outcome = "forwarded" if fwd.status is not None else "upstream_error"
-        none.outcomes[outcome].inc()
-        request[DECISION] = (NO_RULE, None, outcome, fwd.upstream_seconds)
         return fwd.response
 
     async def _record(self, rule: Rule, task_id: str, status: int, metrics: RuleMetrics) -> None:

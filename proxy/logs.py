@@ -130,13 +130,21 @@ class AccessLogger(AbstractAccessLogger):
             )
             return
         decision = request.get(DECISION)
-        if decision is not None:
-            rule, task_id, outcome, upstream = decision
-            line += f',"rule":"{rule}","outcome":"{outcome}"'  # both validated: no escaping
-            if task_id is not None:
-                line += f',"task_id":{_q(task_id)}'
-            if upstream is not None:
-                line += f',"upstream_ms":{upstream * 1000:.3f}'
+        if decision is None:
+            sink.write(line + "}\n")
+            return
+        rule, task_id, outcome, upstream = decision
+        if task_id is not None and upstream is not None:  # a rule's poll that went upstream
+            sink.write(
+                f'{line},"rule":"{rule}","outcome":"{outcome}","task_id":{_q(task_id)},'
+                f'"upstream_ms":{upstream * 1000:.3f}}}\n'
+            )
+            return
+        line += f',"rule":"{rule}","outcome":"{outcome}"'  # both validated: no escaping
+        if task_id is not None:
+            line += f',"task_id":{_q(task_id)}'
+        if upstream is not None:
+            line += f',"upstream_ms":{upstream * 1000:.3f}'
         sink.write(line + "}\n")
 
     @property
