@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from proxy.state import StateStore
 from proxy.state.memory import MemoryState
 from proxy.state.redis import RedisState
 from tests.processes import RedisServer
+from tests.rawhttp import Answer, Backend, Conn, StartBackend
 from tests.support import FakeClock, Upstream, require_tool, ruleset
 
 
@@ -86,6 +88,41 @@ async def start_pollguard(upstream: Upstream, clock: FakeClock) -> AsyncIterator
     yield start
     for pg in started:
         await pg.stop()
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[StartBackend]:
+    """Raw upstreams (tests/rawhttp.py), stopped with the test."""
+    started: list[Backend] = []
+
+    async def start(answer: Answer) -> Backend:
+        up = Backend(answer)
+        await up.start()
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        await up.stop()
+
+
+Connect = Callable[[Running], Awaitable[Conn]]
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Connect]:
+    """Raw client connections to a running pollguard's port, closed with the test."""
+    opened: list[asyncio.StreamWriter] = []
+
+    async def open_conn(pg: Running) -> Conn:
+        assert pg.pg.proxy_address is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", pg.pg.proxy_address.port)
+        opened.append(writer)
+        return Conn(reader, writer)
+
+    yield open_conn
+    for writer in opened:
+        writer.close()
 
 
 @pytest.fixture

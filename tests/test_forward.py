@@ -15,110 +15,16 @@ import random
 import socket
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import Running, StartPollguard
+from tests.conftest import Connect, Running, StartPollguard
+from tests.rawhttp import RawResponse, Request, StartBackend, hang
 from tests.support import Upstream, pattern
 
 MiB = 1024 * 1024
-
-
-# --- raw HTTP on the client side ---------------------------------------------------------
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def get(self, name: str) -> str | None:
-        values = self.getall(name)
-        return values[0] if values else None
-
-    def getall(self, name: str) -> list[str]:
-        return [v for n, v in self.headers if n.lower() == name.lower()]
-
-
-async def read_response(reader: asyncio.StreamReader, *, head: bool = False) -> RawResponse:
-    """One HTTP/1.1 response off the wire, framed by its own headers; 1xx are skipped."""
-    while True:
-        line = await reader.readline()
-        if not line:
-            raise ConnectionError("connection closed before a response")
-        status = int(line.split(b" ", 2)[1])
-        headers: list[tuple[str, str]] = []
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers.append((name, value.strip()))
-        if status >= 200:
-            break
-    resp = RawResponse(status, headers, b"")
-    if head or status in (204, 304):
-        return resp
-    if "chunked" in (resp.get("Transfer-Encoding") or "").lower():
-        body = bytearray()
-        while size := int((await reader.readline()).split(b";")[0], 16):
-            body += await reader.readexactly(size)
-            await reader.readexactly(2)
-        while await reader.readline() not in (b"\r\n", b""):
-            pass  # trailers
-        resp.body = bytes(body)
-    elif (length := resp.get("Content-Length")) is not None:
-        resp.body = await reader.readexactly(int(length))
-    else:
-        resp.body = await reader.read()
-    return resp
-
-
-class Conn:
-    """One raw client connection to pollguard's port."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def response(self, *, head: bool = False, timeout: float = 5.0) -> RawResponse:
-        async with asyncio.timeout(timeout):
-            return await read_response(self.reader, head=head)
-
-    async def closed_within(self, seconds: float) -> bytes:
-        """Whatever arrives until pollguard closes the connection; fails if it stays open."""
-        data = b""
-        try:
-            async with asyncio.timeout(seconds):
-                while chunk := await self.reader.read(65536):
-                    data += chunk
-        except ConnectionResetError:
-            pass
-        return data
-
-
-@pytest.fixture
-async def connect() -> AsyncIterator[Callable[[Running], Awaitable[Conn]]]:
-    opened: list[asyncio.StreamWriter] = []
-
-    async def open_conn(pg: Running) -> Conn:
-        assert pg.pg.proxy_address is not None
-        reader, writer = await asyncio.open_connection("127.0.0.1", pg.pg.proxy_address.port)
-        opened.append(writer)
-        return Conn(reader, writer)
-
-    yield open_conn
-    for writer in opened:
-        writer.close()
-
-
-Connect = Callable[[Running], Awaitable[Conn]]
 
 
 async def exchange(connect: Connect, pg: Running, data: bytes) -> RawResponse:
@@ -155,67 +61,6 @@ def metric(text: str, sample: str) -> float:
         if line.startswith(sample + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{sample} not exposed")
-
-
-# --- raw HTTP on the upstream side -------------------------------------------------------
-
-RawHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@dataclass
-class RawUpstream:
-    """A TCP server that reads each request head and lets `handler` answer as it likes."""
-
-    handler: RawHandler
-    url: str = ""
-    heads: list[bytes] = field(default_factory=list)
-    server: asyncio.Server | None = None
-    connections: list[tuple[asyncio.Task[Any], asyncio.StreamWriter]] = field(default_factory=list)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.connections.append((task, writer))
-        try:
-            while head := await reader.readuntil(b"\r\n\r\n"):
-                self.heads.append(head)
-                await self.handler(head.split(b" ")[1].decode(), reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for _, writer in self.connections:
-            writer.transport.abort()  # ends every `hang`, so no handler is left to cancel
-        await asyncio.gather(*(task for task, _ in self.connections))
-
-
-StartRawUpstream = Callable[[RawHandler], Awaitable[RawUpstream]]
-
-
-async def hang(reader: asyncio.StreamReader) -> None:
-    """Answer nothing until pollguard (or the test's end) drops the connection."""
-    async with asyncio.timeout(5):
-        await reader.read()
-
-
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[StartRawUpstream]:
-    started: list[RawUpstream] = []
-
-    async def start(handler: RawHandler) -> RawUpstream:
-        up = RawUpstream(handler)
-        up.server = await asyncio.start_server(up._serve, "127.0.0.1", 0)
-        up.url = f"http://127.0.0.1:{up.server.sockets[0].getsockname()[1]}"
-        started.append(up)
-        return up
-
-    yield start
-    for up in started:
-        await up.stop()
 
 
 def free_port() -> int:
@@ -306,10 +151,11 @@ async def test_forwarded_headers_append_the_peer_and_replace_what_the_client_cla
 
 
 async def test_response_hop_by_hop_headers_are_dropped_and_repeated_ones_kept(
-    start_pollguard: StartPollguard, raw_upstream: StartRawUpstream,
+    start_pollguard: StartPollguard, backend: StartBackend,
     connect: Connect,
 ) -> None:  # fmt: skip
-    async def answer(path: str, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def answer(request: Request) -> None:
+        w = request.writer
         w.write(
             b"HTTP/1.1 200 OK\r\n"
             b"Content-Length: 2\r\n"
@@ -326,7 +172,7 @@ async def test_response_hop_by_hop_headers_are_dropped_and_repeated_ones_kept(
             b"\r\nok"
         )
 
-    up = await raw_upstream(answer)
+    up = await backend(answer)
     pg = await start_pollguard(upstream_url=up.url)
     resp = await exchange(connect, pg, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
 
@@ -553,13 +399,13 @@ async def test_an_upstream_that_is_down_is_a_fast_small_502(
 
 
 async def test_an_upstream_that_hangs_up_without_answering_is_a_502(
-    start_pollguard: StartPollguard, raw_upstream: StartRawUpstream,
+    start_pollguard: StartPollguard, backend: StartBackend,
     http: aiohttp.ClientSession,
 ) -> None:  # fmt: skip
-    async def hang_up(path: str, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.transport.abort()
+    async def hang_up(request: Request) -> None:
+        request.writer.transport.abort()
 
-    up = await raw_upstream(hang_up)
+    up = await backend(hang_up)
     pg = await start_pollguard(upstream_url=up.url)
     started = time.monotonic()
     async with http.get(pg.url("/test/status/t")) as resp:
@@ -569,13 +415,13 @@ async def test_an_upstream_that_hangs_up_without_answering_is_a_502(
 
 async def test_a_slow_upstream_is_a_504_after_upstream_timeout(
     start_pollguard: StartPollguard,
-    raw_upstream: StartRawUpstream,
+    backend: StartBackend,
     http: aiohttp.ClientSession,
 ) -> None:
-    async def silent(path: str, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await hang(reader)
+    async def silent(request: Request) -> None:
+        await hang(request.reader)
 
-    up = await raw_upstream(silent)
+    up = await backend(silent)
     for url, path in ((None, "/slow?delay=3"), (up.url, "/test/status/t")):
         pg = await start_pollguard(upstream_timeout=0.3, upstream_url=url)
         started = time.monotonic()
@@ -888,10 +734,11 @@ async def test_websocket_close_propagates_both_ways(
 
 
 async def test_an_upstream_dying_mid_body_truncates_the_response_and_nothing_hangs(
-    start_pollguard: StartPollguard, raw_upstream: StartRawUpstream,
+    start_pollguard: StartPollguard, backend: StartBackend,
     http: aiohttp.ClientSession,
 ) -> None:  # fmt: skip
-    async def answer(path: str, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def answer(request: Request) -> None:
+        path, w = request.path, request.writer
         if path == "/ok":
             w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             return
@@ -906,7 +753,7 @@ async def test_an_upstream_dying_mid_body_truncates_the_response_and_nothing_han
         await asyncio.sleep(0.05)
         w.transport.abort()
 
-    up = await raw_upstream(answer)
+    up = await backend(answer)
     pg = await start_pollguard(upstream_url=up.url)
     for path in ("/length/1000000", "/length/1000", "/chunked"):
         async with asyncio.timeout(3):
@@ -924,14 +771,15 @@ async def test_an_upstream_dying_mid_body_truncates_the_response_and_nothing_han
 
 
 async def test_an_upstream_stalling_mid_body_is_cut_after_upstream_timeout(
-    start_pollguard: StartPollguard, raw_upstream: StartRawUpstream,
+    start_pollguard: StartPollguard, backend: StartBackend,
     http: aiohttp.ClientSession,
 ) -> None:  # fmt: skip
-    async def stall(path: str, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def stall(request: Request) -> None:
+        reader, w = request.reader, request.writer
         w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000)
         await hang(reader)
 
-    up = await raw_upstream(stall)
+    up = await backend(stall)
     pg = await start_pollguard(upstream_url=up.url, upstream_timeout=0.5)
     started = time.monotonic()
     async with asyncio.timeout(3), http.get(pg.url("/stall")) as resp:

@@ -14,107 +14,13 @@ import asyncio
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
 from proxy.upstream import UpstreamPool
-from tests.conftest import Running, StartPollguard
-
-# --- a raw upstream that numbers its connections ---------------------------------------
-
-
-@dataclass
-class Request:
-    """One request head as the upstream read it, with the connection to answer on."""
-
-    conn: int  # 1-based: which upstream connection it came on
-    nth: int  # 1-based: which request on that connection
-    head: bytes
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-    @property
-    def method(self) -> str:
-        return self.head.split(b" ", 1)[0].decode()
-
-    @property
-    def path(self) -> str:
-        return self.head.split(b" ", 2)[1].decode()
-
-
-Answer = Callable[[Request], Awaitable[None]]
-
-
-@dataclass
-class Backend:
-    """A TCP server that reads each request head and lets `answer` reply as it likes."""
-
-    answer: Answer
-    port: int = 0
-    accepted: int = 0
-    seen: list[tuple[int, int, str, str]] = field(default_factory=list)  # conn, nth, method, path
-    notes: list[str] = field(default_factory=list)  # what answers want the test to know
-    server: asyncio.Server | None = None
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-    writers: list[asyncio.StreamWriter] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.append(task)
-        self.writers.append(writer)
-        self.accepted += 1
-        conn, nth = self.accepted, 0
-        try:
-            while not writer.is_closing():
-                head = await reader.readuntil(b"\r\n\r\n")
-                nth += 1
-                request = Request(conn, nth, head, reader, writer)
-                self.seen.append((conn, nth, request.method, request.path))
-                await self.answer(request)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except asyncio.CancelledError:
-            pass  # the test's end; asyncio would log a cancelled connection task as an error
-        finally:
-            writer.close()
-
-    def paths(self) -> list[str]:
-        return [path for _, _, _, path in self.seen]
-
-
-StartBackend = Callable[[Answer], Awaitable[Backend]]
-
-
-@pytest.fixture
-async def backend() -> AsyncIterator[StartBackend]:
-    started: list[Backend] = []
-
-    async def start(answer: Answer) -> Backend:
-        up = Backend(answer)
-        up.server = await asyncio.start_server(up._serve, "127.0.0.1", 0)
-        up.port = up.server.sockets[0].getsockname()[1]
-        started.append(up)
-        return up
-
-    yield start
-    for up in started:
-        assert up.server is not None
-        up.server.close()
-        for writer in up.writers:
-            writer.transport.abort()  # ends every answer still waiting on its reader
-        for task in up.tasks:
-            task.cancel()  # and every one sleeping
-        await asyncio.gather(*up.tasks, return_exceptions=True)
-        await up.server.wait_closed()
+from tests.conftest import Connect, Running, StartPollguard
+from tests.rawhttp import Backend, Request, StartBackend, hang
 
 
 def ok(body: bytes, *fields: bytes) -> bytes:
@@ -138,85 +44,6 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 2.0) -> None:
     async with asyncio.timeout(seconds):
         while not condition():
             await asyncio.sleep(0.01)
-
-
-# --- raw HTTP on the client side --------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    head: bytes  # status line and fields, up to and including the blank line
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def getall(self, name: str) -> list[str]:
-        return [v for n, v in self.headers if n.lower() == name.lower()]
-
-    def get(self, name: str) -> str | None:
-        values = self.getall(name)
-        return values[0] if values else None
-
-
-class Client:
-    """One raw client connection to pollguard's port."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def reply(self, *, head: bool = False, timeout: float = 3.0) -> Reply:
-        """One response off the wire, framed by its own headers (1xx are NOT skipped)."""
-        async with asyncio.timeout(timeout):
-            raw = await self.reader.readuntil(b"\r\n\r\n")
-            lines = raw[:-4].split(b"\r\n")
-            status = int(lines[0].split(b" ", 2)[1])
-            headers = []
-            for line in lines[1:]:
-                name, _, value = line.decode("latin-1").partition(":")
-                headers.append((name, value.strip()))
-            reply = Reply(status, raw, headers, b"")
-            if head or status in (204, 304) or status < 200:
-                return reply
-            if "chunked" in (reply.get("Transfer-Encoding") or "").lower():
-                body = bytearray()
-                while size := int((await self.reader.readline()).split(b";")[0], 16):
-                    body += await self.reader.readexactly(size)
-                    await self.reader.readexactly(2)
-                while await self.reader.readline() not in (b"\r\n", b""):
-                    pass
-                reply.body = bytes(body)
-            elif (length := reply.get("Content-Length")) is not None:
-                reply.body = await self.reader.readexactly(int(length))
-            else:
-                reply.body = await self.reader.read()
-            return reply
-
-    async def get(self, path: str, method: str = "GET") -> Reply:
-        await self.send(f"{method} {path} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
-        return await self.reply(head=method == "HEAD")
-
-
-Connect = Callable[[Running], Awaitable[Client]]
-
-
-@pytest.fixture
-async def connect() -> AsyncIterator[Connect]:
-    opened: list[asyncio.StreamWriter] = []
-
-    async def open_conn(pg: Running) -> Client:
-        assert pg.pg.proxy_address is not None
-        reader, writer = await asyncio.open_connection("127.0.0.1", pg.pg.proxy_address.port)
-        opened.append(writer)
-        return Client(reader, writer)
-
-    yield open_conn
-    for writer in opened:
-        writer.close()
 
 
 async def through(start_pollguard: StartPollguard, up: Backend, **settings: float) -> Running:
@@ -397,8 +224,7 @@ async def test_an_upstream_going_silent_after_a_1xx_is_a_504_after_upstream_time
     async def hint_then_silence(request: Request) -> None:
         request.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
         await request.writer.drain()
-        async with asyncio.timeout(5):
-            await request.reader.read()  # nothing more, until pollguard hangs up
+        await hang(request.reader)  # nothing more, until pollguard hangs up
 
     up = await backend(hint_then_silence)
     pg = await through(start_pollguard, up, upstream_timeout=0.3)
@@ -426,7 +252,7 @@ async def test_a_bare_cr_in_an_upstream_header_is_a_502_not_a_forged_line(
     pg = await through(start_pollguard, up)
     client = await connect(pg)
     await client.send(b"GET /forged HTTP/1.1\r\nHost: h\r\n\r\n")
-    reply = await client.reply()
+    reply = await client.response(interim=True)
     assert reply.status == 502
     assert reply.get("X-Pollguard") == "error"
     lines = re.split(rb"\r\n|\r|\n", reply.head)
@@ -601,13 +427,13 @@ async def test_relayed_answers_to_http10_clients_and_on_close(
     pg = await through(start_pollguard, up)
     client = await connect(pg)
     await client.send(b"GET /10 HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n")
-    reply = await client.reply()
+    reply = await client.response(interim=True)
     assert reply.head == (
         b"HTTP/1.0 200 OK\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nContent-Length: 2\r\n"
         b"Via: 1.1 pollguard\r\nConnection: keep-alive\r\n\r\n"
     )
     await client.send(b"GET /11 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-    reply = await client.reply()
+    reply = await client.response(interim=True)
     assert reply.head.endswith(b"Via: 1.1 pollguard\r\nConnection: close\r\n\r\n")
     assert reply.body == b"hi"
     async with asyncio.timeout(2):
@@ -702,8 +528,7 @@ async def test_a_silent_upstream_is_a_504_after_upstream_timeout_and_is_not_reus
         if request.conn > 1:
             request.writer.write(ok(request.path.encode()))
             return
-        async with asyncio.timeout(5):
-            await request.reader.read()
+        await hang(request.reader)
         up.notes.append("closed by pollguard")
 
     up = await backend(first_silent)
