@@ -157,15 +157,16 @@ class Forwarder:
                 return Forwarded(error_response(405, "CONNECT not allowed", close=True), None, None)
             raw = request.url.raw_path_qs  # absolute-form: a client taking us for its proxy
         target = self._prefix + raw
+        websocket = _is_websocket(request)
         pool = self._pool
-        if pool is not None and not request.body_exists and not _is_websocket(request):
+        if pool is not None and not request.body_exists and not websocket:
             return await self._exchange(pool, request, target)
 
         # The whole target goes in as the path: parsing a URL string would drop an empty "?"
         # (the target must pass byte for byte), and building is 3x cheaper than parsing.
         url = URL.build(scheme=self._scheme, authority=self._authority, path=target, encoded=True)
         headers = request_headers(request)
-        if _is_websocket(request):
+        if websocket:
             return await self._websocket(request, url, headers)
 
         body: AsyncIterator[bytes] | None = None

@@ -38,17 +38,18 @@ _VIA_11 = f"1.1 {VIA}"
 _VIA_LINE = f"Via: {_VIA_11}\r\n".encode()
 
 
+def _tokens(connection: str) -> frozenset[str]:
+    """The lower-case names a Connection field's value (its lines joined by ",") lists."""
+    return frozenset(t.strip().lower() for t in connection.split(","))
+
+
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(","))
-    return frozenset(tokens)
+    return _tokens(",".join(headers.getall("Connection", ())))
 
 
 @functools.lru_cache(maxsize=256)
 def _skip_also(base: frozenset[bytes], connection: str) -> frozenset[bytes]:
-    tokens = {t.strip().lower() for t in connection.split(",")}
-    return base | {t.encode("utf-8", "surrogateescape") for t in tokens}
+    return base | {t.encode("utf-8", "surrogateescape") for t in _tokens(connection)}
 
 
 def _skipped(headers: CIMultiDictProxy[str], base: frozenset[bytes]) -> frozenset[bytes]:

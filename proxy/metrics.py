@@ -166,7 +166,7 @@ class Metrics:
     def use_rules(self, names: Iterable[str]) -> None:
         """Create every child of these rules (and of "none") so increase() sees the first event."""
         wanted = [NO_RULE, *names]
-        self._rules = {n: self._series.setdefault(n, RuleMetrics()) for n in wanted}
+        self._rules = {n: self._series_of(n) for n in wanted}
         for name in wanted:
             self.blocked_keys.labels(name)
         for gone in _children(self.blocked_keys) - set(wanted):
@@ -181,7 +181,14 @@ class Metrics:
     def rule(self, name: str) -> RuleMetrics:
         found = self._rules.get(name)
         if found is None:
-            found = self._rules[name] = self._series.setdefault(name, RuleMetrics())
+            found = self._rules[name] = self._series_of(name)
+        return found
+
+    def _series_of(self, name: str) -> RuleMetrics:
+        """The rule's series, made on first use and kept (a counter never goes back to 0)."""
+        found = self._series.get(name)
+        if found is None:
+            found = self._series[name] = RuleMetrics()
         return found
 
     def observe_state(self, stats: Stats) -> None:
