@@ -84,25 +84,35 @@ def _pattern(template: Template) -> re.Pattern[str]:
 class Matcher:
     """Finds the first rule (file name order, then order in the file) a request falls under."""
 
-    __slots__ = ("_by_length", "_methods", "_patterns")
+    __slots__ = ("_by_length", "_heads", "_methods", "_patterns")
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         by_length: dict[int, list[Rule]] = {}
         methods: set[str] = set()
         patterns: list[tuple[Rule, re.Pattern[str]]] = []
+        heads: set[str] = set()
         for rule in rules:
             by_length.setdefault(rule.template.length, []).append(rule)
             methods.update(rule.methods)
             patterns.append((rule, _pattern(rule.template)))
+            heads.add("".join(f"/{s}" for s in rule.template.before) + "/")
         self._by_length = by_length
         self._methods = frozenset(methods)
+        # each rule's literal start, "/test/status/": most paths a proxy sees are under none
+        self._heads = tuple(heads)
         self._patterns = patterns
 
     def match(self, method: str, raw_path: str) -> tuple[Rule, str] | None:
         if method not in self._methods:
             return None
+        if not raw_path.startswith(self._heads):
+            # Under no rule's literal head as sent (most of what a proxy sees): only
+            # normalising could bring it under one.
+            if "%" in raw_path or "//" in raw_path or "/." in raw_path or raw_path[:1] != "/":
+                return self._match_segments(method, raw_path)
+            return None
         path = raw_path.partition("?")[0]
-        if "%" not in path and "//" not in path and "/." not in path and path[:1] == "/":
+        if "%" not in path and "//" not in path and "/." not in path:
             # Nothing to decode, collapse or resolve (the common case): one regex per rule
             # gives what normalize() would, at a third of the cost.
             for rule, pattern in self._patterns:
