@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from pathlib import Path
 
 import aiohttp
@@ -12,7 +13,7 @@ import pytest
 
 from proxy.logs import _timestamp
 from tests.conftest import StartPollguard
-from tests.support import rule_toml, ruleset
+from tests.support import Upstream, rule_toml, ruleset
 
 
 async def test_malformed_requests_are_access_log_lines_not_error_tracebacks(
@@ -71,3 +72,22 @@ async def test_a_blocked_line_escapes_the_clients_path_and_task_id(
         "ms": 0, "rule": "task-status", "outcome": "blocked", "task_id": 'a"}\n\\b\u2603',
         "pollguard": "blocked",
     }  # fmt: skip
+
+
+async def test_durations_are_milliseconds_with_three_decimals(
+    start_pollguard: StartPollguard, upstream: Upstream, tmp_path: Path
+) -> None:
+    log = tmp_path / "access.log"
+    pg = await start_pollguard(ruleset(rule_toml()), access_log=str(log))
+    upstream.delay = 0.05
+    async with aiohttp.ClientSession() as http:
+        for path in ("/test/status/t-1", "/unmatched"):
+            async with http.get(pg.url(path)) as resp:
+                await resp.read()
+    await pg.pg.stop()  # flushes the access log
+    text = log.read_text()
+    ms = [float(m) for m in re.findall(r'"ms":(\d+\.\d{3}),', text)]
+    upstream_ms = [float(m) for m in re.findall(r'"upstream_ms":(\d+\.\d{3})}', text)]
+    assert len(ms) == len(upstream_ms) == 2, text
+    assert 45 <= upstream_ms[0] <= ms[0]  # the poll waited 50 ms upstream
+    assert 0 <= upstream_ms[1] <= ms[1] < 45
