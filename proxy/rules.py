@@ -24,6 +24,8 @@ Mode = Literal["enforce", "observe"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# RFC 9110 5.5: a field value is visible characters, spaces and tabs (no controls, no DEL)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _RESERVED_NAMES = frozenset({"none"})
 # Headers that describe the message framing; aiohttp sets them from the body.
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "content-type", "connection"})
@@ -354,7 +356,7 @@ def _check_headers(headers: object, bad: Callable[[str, str], None]) -> None:
         elif name.lower() in _FRAMING_HEADERS:
             bad("headers", f"{name!r} is set by pollguard (use response.content_type for the type)")
         elif not _is_header_value(value):
-            bad("headers", f"{name}: must be a string without line breaks, got {value!r}")
+            bad("headers", f"{name}: must be text without control characters, got {value!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -362,4 +364,4 @@ def _is_int(value: object) -> bool:
 
 
 def _is_header_value(value: object) -> bool:
-    return isinstance(value, str) and not any(c in value for c in "\r\n\0")
+    return isinstance(value, str) and _CONTROL.search(value) is None
