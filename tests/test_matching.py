@@ -106,7 +106,10 @@ def reference_match(matcher_rules: list[Rule], method: str, raw: str) -> tuple[s
 @pytest.mark.parametrize("root", [True, False], ids=["with-root-rule", "no-root-rule"])
 def test_the_fast_path_agrees_with_normalising_on_random_paths(root: bool) -> None:
     # without a rule at the root, most paths fail the literal-head check first
-    tables = [rule_toml(), rule_toml(name="jobs", path="/api/jobs/{task_id}/state", methods=["GET"])]
+    tables = [
+        rule_toml(),
+        rule_toml(name="jobs", path="/api/jobs/{task_id}/state", methods=["GET"]),
+    ]
     if root:
         tables.append(rule_toml(name="root", path="/{task_id}"))
     rules = list(ruleset(*tables).rules)
@@ -115,11 +118,20 @@ def test_the_fast_path_agrees_with_normalising_on_random_paths(root: bool) -> No
     pieces = ["/", "//", "test", "status", "api", "jobs", "state", ".", "..", "%2e", "%2F",
               "%6C", "x", "lost-1", "?", "q=1", "%", "%zz", "a.b", "~"]  # fmt: skip
     # rules' heads as sent and as only normalising makes them
-    starts = ["/", "/test/status/", "/api/jobs/", "//test/status/", "/test/x/../status/", "/%74est/"]
+    starts = [
+        "/",
+        "/test/status/",
+        "/api/jobs/",
+        "//test/status/",
+        "/test/x/../status/",
+        "/%74est/",
+    ]
     checked = 0
     for _ in range(20_000):
         start = rng.choice(starts)
-        raw = start + "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8 - len(start) // 8)))
+        raw = start + "".join(
+            rng.choice(pieces) for _ in range(rng.randint(0, 8 - len(start) // 8))
+        )
         for method in ("GET", "HEAD", "POST"):
             hit = matcher.match(method, raw)
             got = None if hit is None else (hit[0].name, hit[1])
