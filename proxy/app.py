@@ -15,7 +15,7 @@ from proxy.blocked import BlockedAnswer
 from proxy.errors import ConfigError, RulesError, StateError
 from proxy.forward import Forwarder
 from proxy.guard import Action
-from proxy.logs import DECISION, LineSink, access_logger, open_sink, server_logger
+from proxy.logs import LineSink, ProxyRequest, access_logger, open_sink, server_logger
 from proxy.matching import Matcher
 from proxy.metrics import NO_RULE, Metrics, RuleMetrics
 from proxy.rules import Rule, RuleSet, load_rules
@@ -50,7 +50,7 @@ class ProxyHandler:
         self._matcher = Matcher(rules.rules)
         self.rules = rules
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: ProxyRequest) -> web.StreamResponse:
         hit = self._matcher.match(request.method, request.raw_path)
         if hit is None:  # no rule: forwarded and counted as "none", inline (no coroutine more)
             fwd = await self.forwarder.forward(request)
@@ -59,7 +59,7 @@ class ProxyHandler:
                 none.duration.observe(fwd.upstream_seconds)
             outcome = "forwarded" if fwd.status is not None else "upstream_error"
             none.outcomes[outcome].inc()
-            request[DECISION] = (NO_RULE, None, outcome, fwd.upstream_seconds)
+            request.decision = (NO_RULE, None, outcome, fwd.upstream_seconds)
             return fwd.response
         rule, task_id = hit
         metrics = self.metrics.rule(rule.name)
@@ -85,7 +85,7 @@ class ProxyHandler:
             outcome = "probe" if action is Action.PROBE else "forwarded"
             await self._record(rule, task_id, fwd.status, metrics)
         metrics.outcomes[outcome].inc()
-        request[DECISION] = (rule.name, task_id, outcome, fwd.upstream_seconds)
+        request.decision = (rule.name, task_id, outcome, fwd.upstream_seconds)
         return fwd.response
 
     async def _record(self, rule: Rule, task_id: str, status: int, metrics: RuleMetrics) -> None:
@@ -206,7 +206,8 @@ class Pollguard:
         await self.forwarder.start()
         self._sink = open_sink(self.settings.access_log)
         server = web.Server(
-            self.handler,
+            self.handler,  # type: ignore[arg-type]  # its requests come from the factory below
+            request_factory=ProxyRequest.factory(asyncio.get_running_loop()),
             handler_cancellation=True,  # a client that hangs up stops its upstream request too
             keepalive_timeout=self.settings.client_timeout,
             access_log_class=access_logger(self._sink),
