@@ -154,11 +154,11 @@ def report(r: dict[str, float]) -> None:
     print(f"  pass-through vs minimal aiohttp proxy   {ratio('pg', 'minimal')}  target >= 2x")
     if "pg" in r and "forwarder" in r:
         extra = r["pg"] - r["forwarder"]
-        print(f"  rules+state+metrics+log overhead        {extra / r['pg']:.0%} of pass-through"
+        print(f"  rules+state+metrics+log overhead        {extra / r['pg']:.1%} of pass-through"
               f" ({extra / 1000:.0f} k)")  # fmt: skip
     if "pg-unmatched" in r and "forwarder" in r:
         extra = r["pg-unmatched"] - r["forwarder"]
-        print(f"  matching+metrics+log (no state) cost    {extra / r['pg-unmatched']:.0%} of pass-through"
+        print(f"  matching+metrics+log (no state) cost    {extra / r['pg-unmatched']:.1%} of pass-through"
               f" ({extra / 1000:.0f} k)  target <= 10%")  # fmt: skip
     print(f"  blocked path vs bare aiohttp handler    {ratio('pg-blocked', 'canned')}"
           f" (access log off: {ratio('pg-blocked-nolog', 'canned')})  target >= 1.0x")  # fmt: skip
