@@ -1,14 +1,17 @@
 """CPU instructions per request, counted by valgrind: the same figure on every run.
 
     python tests/bench/bench_instructions.py [--requests 1000] [--redis] [--only canned,pg-blocked]
+                                             [--seeds 1]
 
 wrk's requests/s on a shared 2-core machine wander by 20% from one run to the next;
 callgrind counts the instructions a process executes, which do not. Each front runs
 under `valgrind --tool=callgrind` twice, answering 10 and then 10 + N keep-alive
 requests from one client; the difference over N is its instructions per request,
 start-up excluded. Kernel work (syscalls) is not counted, and it is much the same for
-every front here (one read and one write per request on each side). Slow (~1 min a
-row) and, like every benchmark here, printed, never asserted.
+every front here (one read and one write per request on each side). A process's layout
+of dicts and sets (its string hash seed) moves a row by up to ~3k: `--seeds N` averages
+N of them. Slow (~1 min a row and seed) and, like every benchmark here, printed, never
+asserted.
 """
 
 from __future__ import annotations
@@ -47,17 +50,19 @@ def serve(port: int, path: str, requests: int) -> None:
             reader.read(int(length.group(1)))
 
 
-def instructions(argv: list[str], path: str, requests: int, tmp: Path, warm: str | None) -> int:
+def instructions(
+    argv: list[str], path: str, requests: int, tmp: Path, warm: str | None, seed: int
+) -> int:
     """Instructions the process executed from its start to its exit after `requests`."""
     port = free_port()
     out = tmp / f"callgrind.{port}"
     argv = [a.replace("{port}", str(port)) for a in argv]
     valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable]
     if shutil.which("setarch"):
-        # Without address randomisation, and with one string hash seed, dicts and sets lay
-        # out alike on every run: a row repeats to within ~0.5k instead of ~4k.
+        # Without address randomisation, and with a fixed string hash seed, dicts and sets
+        # lay out alike on every run: a row repeats to within ~0.5k instead of ~4k.
         valgrind = ["setarch", "-R", *valgrind]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": str(seed)}
     with process(valgrind + argv, port, env, start_timeout=120, stop_timeout=120):
         if warm is not None:
             serve(port, warm, 6)  # block the lost task before counting
@@ -75,6 +80,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--redis", action="store_true", help="also pollguard on Redis state")
     parser.add_argument("--only", help="measure only these rows, e.g. canned,pg-blocked")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="average over hash seeds 0..N-1: one seed's layout can be a few k off the mean",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind not found: apt-get install -y valgrind")
@@ -115,9 +126,9 @@ def main() -> None:
                         ("pg-redis-new", "pollguard, redis, a new live task each", pollguard(url, str(tmp / "f.log")), NEW, None),
                         ("pg-blocked-redis", "pollguard blocked, redis", pollguard(url, str(tmp / "d.log")), LOST, LOST),
                     ]  # fmt: skip
-                    measure_rows(_only(rows, args.only), results, args.requests, tmp)
+                    measure_rows(_only(rows, args.only), results, args.requests, tmp, args.seeds)
             else:
-                measure_rows(_only(rows, args.only), results, args.requests, tmp)
+                measure_rows(_only(rows, args.only), results, args.requests, tmp, args.seeds)
     report(results)
 
 
@@ -138,12 +149,17 @@ def measure_rows(
     results: dict[str, float],
     requests: int,
     tmp: Path,
+    seeds: int,
 ) -> None:
     for key, name, argv, path, warm in rows:
-        base = instructions(argv, path, BASE, tmp, warm)
-        more = instructions(argv, path, BASE + requests, tmp, warm)
-        results[key] = (more - base) / requests
-        print(f"  {name:<40} {results[key] / 1000:8.1f} k instructions/request", flush=True)
+        each = []
+        for seed in range(seeds):
+            base = instructions(argv, path, BASE, tmp, warm, seed)
+            more = instructions(argv, path, BASE + requests, tmp, warm, seed)
+            each.append((more - base) / requests)
+        results[key] = sum(each) / seeds
+        spread = f"  ({min(each) / 1000:.1f} to {max(each) / 1000:.1f})" if seeds > 1 else ""
+        print(f"  {name:<40} {results[key] / 1000:8.1f} k instructions/request{spread}", flush=True)
 
 
 def report(r: dict[str, float]) -> None:
