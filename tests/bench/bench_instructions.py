@@ -112,6 +112,8 @@ def main() -> None:
             ("pg-unmatched", "pollguard, a path no rule matches", pollguard("memory://", str(tmp / "g.log")), UNMATCHED, None),
             ("pg-new", "pollguard, memory, a new live task each", pollguard("memory://", str(tmp / "e.log")), NEW, None),
             ("canned", "bare aiohttp handler, the 410 bytes", [py, "canned-410", "{port}"], LOST, None),
+            ("floor-aiohttp", "aiohttp low-level server, prebuilt 410", [py, "server-floor-aiohttp", "{port}"], LOST, None),
+            ("floor-protocol", "asyncio protocol + C parser, prebuilt 410", [py, "server-floor-protocol", "{port}"], LOST, None),
             ("pg-blocked", "pollguard blocked, access log on", pollguard("memory://", str(tmp / "b.log")), LOST, LOST),
             ("pg-blocked-nolog", "pollguard blocked, access log off", pollguard("memory://", "off"), LOST, LOST),
         ]  # fmt: skip
@@ -178,6 +180,9 @@ def report(r: dict[str, float]) -> None:
               f" ({extra / 1000:.0f} k)  target <= 10%")  # fmt: skip
     print(f"  blocked path vs bare aiohttp handler    {ratio('pg-blocked', 'canned')}"
           f" (access log off: {ratio('pg-blocked-nolog', 'canned')})  target >= 1.0x")  # fmt: skip
+    if "floor-aiohttp" in r and "floor-protocol" in r:
+        server = r["floor-aiohttp"] - r["floor-protocol"]
+        print(f"  aiohttp's server over a bare protocol   {server / 1000:.0f} k a request")
     if "pg-redis" in r:
         print(
             f"  pass-through, redis vs memory           {ratio('pg-redis', 'pg')}  target >= 0.8x"

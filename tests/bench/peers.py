@@ -4,8 +4,11 @@
 proxy of the issue (one ClientSession, uvloop, body read whole, headers copied).
 `python tests/bench/peers.py forwarder-only PORT UPSTREAM_URL`: pollguard's Forwarder
 alone. `python tests/bench/peers.py canned-410 PORT`: a bare aiohttp handler returning the
-same bytes as pollguard's blocked answer. nginx and HAProxy configs are written by
-bench_proxy.py.
+same bytes as pollguard's blocked answer. `server-floor-aiohttp PORT` and
+`server-floor-protocol PORT`: what serving one request costs before any work of
+pollguard's, with aiohttp's low-level server and with a bare asyncio protocol on
+aiohttp's C request parser, both writing the same prebuilt 410 bytes. nginx and HAProxy
+configs are written by bench_proxy.py.
 """
 
 from __future__ import annotations
@@ -99,6 +102,66 @@ def canned_410(port: int) -> None:
                 loop=uvloop.new_event_loop())  # fmt: skip
 
 
+def _canned_wire() -> bytes:
+    head = (
+        b"HTTP/1.1 410 Gone\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
+        b"X-Pollguard: blocked\r\nContent-Length: %d\r\n\r\n" % len(BLOCKED)
+    )
+    return head + BLOCKED
+
+
+def server_floor_aiohttp(port: int) -> None:
+    """aiohttp's low-level server (as pollguard runs it), a handler returning prebuilt bytes."""
+    from proxy.wire import WireResponse
+
+    wire = _canned_wire()
+
+    class Canned(WireResponse):
+        def wire(self, request: web.BaseRequest, keep_alive: bool) -> bytes:
+            return wire
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return Canned(410)
+
+    async def serve() -> None:
+        runner = web.ServerRunner(web.Server(handler))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        gc.freeze()
+        await asyncio.Event().wait()
+
+    uvloop.run(serve())
+
+
+def server_floor_protocol(port: int) -> None:
+    """The floor under aiohttp's server: an asyncio protocol feeding aiohttp's C request
+    parser and writing prebuilt bytes (no keep-alive rules, timeouts or errors: a floor,
+    not a server)."""
+    from aiohttp._http_parser import HttpRequestParser  # type: ignore[import-not-found]
+    from aiohttp.base_protocol import BaseProtocol
+
+    wire = _canned_wire()
+
+    class Floor(BaseProtocol):
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            super().__init__(loop)
+            self.parser = HttpRequestParser(self, loop, 2**16)
+
+        def data_received(self, data: bytes) -> None:
+            messages, _, _ = self.parser.feed_data(data)
+            assert self.transport is not None
+            for _ in messages:
+                self.transport.write(wire)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_server(lambda: Floor(loop), "127.0.0.1", port)
+        gc.freeze()
+        await asyncio.Event().wait()
+
+    uvloop.run(serve())
+
+
 if __name__ == "__main__":
     kind, port = sys.argv[1], int(sys.argv[2])
     if kind == "minimal-proxy":
@@ -107,5 +170,9 @@ if __name__ == "__main__":
         forwarder_only(port, sys.argv[3])
     elif kind == "canned-410":
         canned_410(port)
+    elif kind == "server-floor-aiohttp":
+        server_floor_aiohttp(port)
+    elif kind == "server-floor-protocol":
+        server_floor_protocol(port)
     else:
         raise SystemExit(f"unknown peer {kind!r}")
