@@ -53,14 +53,14 @@ class ProxyHandler:
     async def __call__(self, request: ProxyRequest) -> web.StreamResponse:
         hit = self._matcher.match(request.method, request.raw_path)
         if hit is None:  # no rule: forwarded and counted as "none", inline (no coroutine more)
-            fwd = await self.forwarder.forward(request)
+            response, status, seconds = await self.forwarder.forward(request)
             none = self._none
-            if fwd.upstream_seconds is not None:
-                none.duration.observe(fwd.upstream_seconds)
-            outcome = "forwarded" if fwd.status is not None else "upstream_error"
+            if seconds is not None:
+                none.duration.observe(seconds)
+            outcome = "forwarded" if status is not None else "upstream_error"
             none.outcomes[outcome].inc()
-            request.decision = (NO_RULE, None, outcome, fwd.upstream_seconds)
-            return fwd.response
+            request.decision = (NO_RULE, None, outcome, seconds)
+            return response
         rule, task_id = hit
         metrics = self.metrics.rule(rule.name)
         try:

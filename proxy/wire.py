@@ -72,10 +72,9 @@ class WireResponse(web.StreamResponse):
     def prepared(self) -> bool:
         return self._sent is not None
 
-    @property
-    def body_length(self) -> int:
-        """Bytes written, headers included (as aiohttp counts a web.Response's)."""
-        return self._sent or 0
+    # Bytes written, headers included (as aiohttp counts a web.Response's). A plain
+    # attribute over StreamResponse's property: the access log reads it on every answer.
+    body_length = 0
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self._sent is not None:
@@ -84,7 +83,7 @@ class WireResponse(web.StreamResponse):
         if keep is None:
             keep = self._keep = request.keep_alive
         data = self.wire(request, keep)
-        self._sent = len(data)
+        self._sent = self.body_length = len(data)
         # The writer has no headers of its own queued, so this goes out as it is, in one
         # write, with aiohttp's accounting, its closed-transport check and its drain.
         await request.writer.write_eof(data)
