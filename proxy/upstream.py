@@ -27,11 +27,18 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class _Connection(ResponseHandler):
-    """aiohttp's client protocol, plus: bytes arriving while the connection sits idle in
-    the pool (an upstream speaking out of turn) close it, so they can never be taken for
-    the answer to the next request sent on it."""
+    """aiohttp's client protocol, plus two guards against an upstream saying too much.
+
+    Bytes arriving while the connection sits idle in the pool (an upstream speaking out
+    of turn) close it, so they can never be taken for the answer to the next request.
+    An answer to HEAD ends with its head, whatever follows (RFC 9112 6.3): a body sent
+    anyway is dropped and the connection not reused, where aiohttp's parser would take
+    it for a malformed next answer and fail the HEAD's with it.
+    """
 
     idle = False
+    head_only = False  # a HEAD's answer is awaited
+    _head = b""  # its current head so far, already fed to the parser
 
     def data_received(self, data: bytes) -> None:
         if self.idle:
@@ -39,7 +46,26 @@ class _Connection(ResponseHandler):
             if self.transport is not None:
                 self.transport.close()
             return
+        if self.head_only:
+            data = self._up_to_final_head(data)
         super().data_received(data)
+
+    def _up_to_final_head(self, data: bytes) -> bytes:
+        seen = self._head
+        buf = seen + data
+        start = 0
+        while (end := buf.find(b"\r\n\r\n", start)) >= 0:
+            if buf[start + 9 : start + 10] == b"1":  # "HTTP/1.1 1xx": an interim head
+                start = end + 4
+                continue
+            self.head_only = False
+            self._head = b""
+            cut = end + 4 - len(seen)
+            if cut < len(data):
+                self.force_close()  # the rest is a body a HEAD's answer cannot have
+            return data[:cut]
+        self._head = buf[start:]
+        return data
 
 
 class UpstreamPool:
@@ -127,6 +153,7 @@ class UpstreamPool:
         self, proto: _Connection, method: str, head: bytes
     ) -> tuple[_Connection, RawResponseMessage, StreamReader]:
         # read_until_eof: an answer with neither Content-Length nor chunking ends at the close
+        proto.head_only = method == "HEAD"
         proto.set_response_params(
             skip_payload=method == "HEAD",
             read_until_eof=True,

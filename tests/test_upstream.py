@@ -468,6 +468,33 @@ async def test_head_keeps_the_upstream_length_sends_no_body_and_keeps_both_conne
     assert [m for _, _, m, _ in up.seen] == ["HEAD", "GET", "HEAD", "GET"]
 
 
+@pytest.mark.parametrize("shape", ["in-one-write", "after-an-interim-103", "head-split-at-its-end"])
+async def test_a_body_sent_to_head_anyway_is_dropped_and_its_connection_not_kept(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, shape: str
+) -> None:
+    async def says_too_much(request: Request) -> None:
+        answer = ok(b"g" * 10)  # the body even for a HEAD (RFC 9112 6.3: it has none)
+        if request.method != "HEAD" or shape == "in-one-write":
+            request.writer.write(answer)
+        elif shape == "after-an-interim-103":
+            request.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n" + answer)
+        else:  # the head's blank line split across two reads, the body behind it
+            cut = answer.index(b"\r\n\r\n") + 2
+            request.writer.write(answer[:cut])
+            await request.writer.drain()
+            await asyncio.sleep(0.05)
+            request.writer.write(answer[cut:])
+
+    up = await backend(says_too_much)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    reply = await client.get("/h", "HEAD")
+    assert (reply.status, reply.get("Content-Length"), reply.body) == (200, "10", b"")
+    reply = await client.get("/g")  # the dropped bytes garble nothing that follows
+    assert (reply.status, reply.body) == (200, b"g" * 10)
+    assert up.accepted == 2  # not the HEAD's connection again
+
+
 # --- 8. a body delimited by the close ---------------------------------------------------
 
 
