@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -260,18 +261,25 @@ class Bench:
                 self.latency(port)
 
     def latency(self, pollguard_port: int) -> None:
-        """p99 at half of pollguard's max rate: pollguard vs direct at that same rate."""
+        """p99 at half of pollguard's max rate: pollguard vs direct at that same rate.
+
+        The runs alternate, pollguard then direct, and the median of the differences is
+        kept: one pair on this kind of machine moves by more than the 1 ms target.
+        """
         rate = self.rows["pg-memory"].rps / 2
         seconds = self.args.latency_seconds
-        proxied = loadgen.run(pollguard_port, LIVE, rate, seconds)
         port = free_port()
         argv = [sys.executable, str(HERE / "upstream.py"), str(port), "--raw"]
+        added = []
         with process(pinned(1, argv), port):
-            direct = loadgen.run(port, LIVE, rate, seconds)
-        self.added_p99_ms = proxied.p99_ms - direct.p99_ms
-        print(f"  open loop at {rate:,.0f} rps (half of max): pollguard p50 {proxied.p50_ms:.2f} ms"
-              f" p99 {proxied.p99_ms:.2f} ms; direct p50 {direct.p50_ms:.2f} ms"
-              f" p99 {direct.p99_ms:.2f} ms")  # fmt: skip
+            for _ in range(self.args.latency_runs):
+                proxied = loadgen.run(pollguard_port, LIVE, rate, seconds)
+                direct = loadgen.run(port, LIVE, rate, seconds)
+                added.append(proxied.p99_ms - direct.p99_ms)
+                print(f"  open loop at {rate:,.0f} rps (half of max): pollguard p50 {proxied.p50_ms:.2f} ms"
+                      f" p99 {proxied.p99_ms:.2f} ms; direct p50 {direct.p50_ms:.2f} ms"
+                      f" p99 {direct.p99_ms:.2f} ms: {added[-1]:.2f} ms added", flush=True)  # fmt: skip
+        self.added_p99_ms = statistics.median(added)
 
     def blocked_reference(self) -> None:
         print("blocked path reference: the same 410 bytes from a bare aiohttp handler")
@@ -317,7 +325,7 @@ def report(rows: dict[str, Row], added_p99_ms: float) -> None:
     print(
         f"  blocked path vs bare aiohttp handler    {ratio('pg-blocked-memory', 'canned')}  target >= 1.0x"
     )
-    print(f"  p99 added at half load                  {added_p99_ms:.2f} ms  target < 1 ms")
+    print(f"  p99 added at half load (median)         {added_p99_ms:.2f} ms  target < 1 ms")
     if "pg-redis" in rows:
         print(
             f"  pass-through, redis vs memory           {ratio('pg-redis', 'pg-memory')}  target >= 0.8x"
@@ -337,6 +345,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--latency-seconds", type=int, default=5)
+    parser.add_argument("--latency-runs", type=int, default=3, help="pairs; the median is kept")
     parser.add_argument("--redis", action="store_true", help="also run pollguard on Redis state")
     parser.add_argument("--no-peers", action="store_true", help="skip nginx and HAProxy")
     args = parser.parse_args()
