@@ -97,6 +97,34 @@ async def test_concurrent_gets_open_a_connection_each_and_all_are_kept(
     assert sorted(conn for conn, nth, _, _ in up.seen if nth == 2) == [1, 2, 3, 4]
 
 
+async def test_one_connection_carries_answers_of_every_framing_in_turn(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    # One parser reads all of a connection's answers: each must end where its framing says.
+    body = b"x" * 70_000  # over the 64 KiB relayed whole: streamed
+    framings = {
+        "/sized": ok(b"sized"),
+        "/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nchu\r\n4\r\nnked\r\n0\r\n\r\n",
+        "/empty": b"HTTP/1.1 204 No Content\r\n\r\n",
+        "/big": ok(body),
+        "/404": b"HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\ngone",
+    }
+
+    async def framed(request: Request) -> None:
+        request.writer.write(framings[request.path])
+
+    up = await backend(framed)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    expected = {"/sized": (200, b"sized"), "/chunked": (200, b"chunked"), "/empty": (204, b""),
+                "/big": (200, body), "/404": (404, b"gone")}  # fmt: skip
+    for path in [*framings, *reversed(framings), "/sized"]:
+        reply = await client.get(path)
+        assert (reply.status, reply.body) == expected[path], path
+    assert up.accepted == 1
+
+
 # --- 2. a kept-alive connection the upstream closed -------------------------------------
 
 
