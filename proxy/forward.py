@@ -258,14 +258,22 @@ class Forwarder:
         if request.method == "HEAD" or status in (204, 304) or status < 200:
             return Relayed(status, reason, src_headers, raw_headers, b"")
         if length is not None and length <= BUFFER_LIMIT:
-            # usually all there already, in the same read as the head: no await needed
-            body = content.read_nowait() if content.is_eof() else await content.read()
+            if content.is_eof():  # usually all there already, in the same read as the head
+                body = content.read_nowait()
+            else:
+                async with asyncio.timeout(self._upstream_timeout):  # nginx's proxy_read_timeout
+                    body = await content.read()
             return Relayed(status, reason, src_headers, raw_headers, body)
         headers = response_headers(src_headers)
         resp = web.StreamResponse(status=status, reason=reason, headers=headers)
         await resp.prepare(request)
         try:
-            async for chunk in content.iter_any():
+            while True:
+                # an upstream stalling mid-body is cut after the read timeout, between reads
+                async with asyncio.timeout(self._upstream_timeout):
+                    chunk = await content.readany()
+                if not chunk:
+                    break
                 # a client that stops reading must not hold the upstream connection forever
                 async with asyncio.timeout(self._client_timeout):
                     await resp.write(chunk)

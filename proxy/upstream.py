@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from aiohttp.client_exceptions import ClientOSError, ServerDisconnectedError
+from aiohttp.client_exceptions import ClientOSError, ServerDisconnectedError, ServerTimeoutError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawResponseMessage
 from aiohttp.streams import StreamReader
@@ -50,6 +50,10 @@ class _Connection(ResponseHandler):
         if self.head_only:
             data = self._up_to_final_head(data)
         super().data_received(data)
+
+    def time_out(self) -> None:
+        """The upstream said nothing within the read timeout: the waiting read raises."""
+        self.set_exception(ServerTimeoutError("Timeout on reading data from socket"))
 
     def _up_to_final_head(self, data: bytes) -> bytes:
         seen = self._head
@@ -163,22 +167,32 @@ class UpstreamPool:
                 skip_payload=head_only,
                 read_until_eof=True,  # an answer with neither length nor chunking ends at the close
                 auto_decompress=False,
-                read_timeout=self._read_timeout,
+                # No read timer of aiohttp's: it re-arms one on every read, two timers
+                # made and cancelled a request (~13k instructions). One timer below
+                # covers the head; Forwarder bounds a body's reads itself when it has
+                # to wait for them, which a poll's answer, there with its head, never does.
+                read_timeout=None,
             )
             proto.parser_for = head_only
         proto.head_only = head_only
+        timer = None
         try:
             transport = proto.transport
             if transport is None:
                 raise ServerDisconnectedError()
             transport.write(head)
-            proto.start_timeout()
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(self._read_timeout, proto.time_out)
             message, payload = await proto.read()
             while 100 <= message.code < 200 and message.code != 101:
-                # 103 Early Hints and the like; the parser stopped the read timer at it
-                proto.start_timeout()
+                # 103 Early Hints and the like: the wait for the final answer starts again
+                timer.cancel()
+                timer = loop.call_later(self._read_timeout, proto.time_out)
                 message, payload = await proto.read()
         except BaseException:  # a cancelled request too: the answer would land on the next
             proto.close()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         return proto, message, payload

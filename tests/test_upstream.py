@@ -601,6 +601,36 @@ async def test_a_silent_upstream_is_a_504_after_upstream_timeout_and_is_not_reus
     assert up.seen[-1] == (2, 1, "GET", "/after")
 
 
+@pytest.mark.parametrize("size", [1_000, 1_000_000], ids=["read-whole", "streamed"])
+async def test_a_body_stalling_after_its_head_is_cut_after_upstream_timeout(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, size: int
+) -> None:
+    async def stalls(request: Request) -> None:
+        if request.conn > 1:
+            request.writer.write(ok(request.path.encode()))
+            return
+        request.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\nxxxx" % size)
+        await hang(request.reader)
+        up.notes.append("closed by pollguard")
+
+    up = await backend(stalls)
+    pg = await through(start_pollguard, up, upstream_timeout=0.3)
+    client = await connect(pg)
+    started = time.monotonic()
+    if size <= 65_536:  # nothing sent to the client yet: pollguard's own 504
+        reply = await client.get("/stall")
+        assert reply.status == 504
+    else:  # the head is out: the client is cut off mid-body, as nginx does
+        await client.send(b"GET /stall HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert b" 200 " in await client.closed_within(2.0)
+        client = await connect(pg)
+    assert 0.3 <= time.monotonic() - started < 1.5
+    await wait_for(lambda: bool(up.notes))  # the stalled connection is closed, not kept
+    reply = await client.get("/after")
+    assert (reply.status, reply.body) == (200, b"/after")
+    assert up.seen[-1] == (2, 1, "GET", "/after")
+
+
 # --- UpstreamPool on its own ------------------------------------------------------------
 
 HEAD = b"GET /p HTTP/1.1\r\nHost: h\r\n\r\n"
