@@ -4,10 +4,11 @@ aiohttp's ClientSession costs ~300k CPU instructions a request (valgrind; 88% of
 proxy handler's py-spy samples) in generality a reverse proxy never uses: URL and header
 rebuilding, cookies, tracing, redirects, auto headers. This pool keeps the part that
 matters, aiohttp's own client protocol (ResponseHandler: the C response parser, flow
-control, the sock_read timeout, payload errors), and drops the rest: the request head
-goes out in one write, and the answer comes back as the parser's message and payload
-stream. Requests with a body, WebSocket upgrades and https upstreams keep the
-ClientSession (forward.py).
+control, payload errors), and drops the rest: the request head goes out in one write,
+and the answer comes back as the parser's message and payload stream. A connection keeps
+its parser from one answer to the next, and one timer bounds the wait for an answer's
+head (aiohttp's read timer, re-armed on every read, cost more than both). Requests with
+a body, WebSocket upgrades and https upstreams keep the ClientSession (forward.py).
 """
 
 from __future__ import annotations
