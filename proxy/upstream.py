@@ -7,8 +7,9 @@ matters, aiohttp's own client protocol (ResponseHandler: the C response parser, 
 control, payload errors), and drops the rest: the request head goes out in one write,
 and the answer comes back as the parser's message and payload stream. A connection keeps
 its parser from one answer to the next, and one timer bounds the wait for an answer's
-head (aiohttp's read timer, re-armed on every read, cost more than both). Requests with
-a body, WebSocket upgrades and https upstreams keep the ClientSession (forward.py).
+head: a new parser per answer and aiohttp's read timer, re-armed on every read, each
+cost ~8k instructions a request. Requests with a body, WebSocket upgrades and https
+upstreams keep the ClientSession (forward.py).
 """
 
 from __future__ import annotations
