@@ -56,7 +56,6 @@ class WireResponse(web.StreamResponse):
     def __init__(self, status: int) -> None:
         super().__init__(status=status)
         self._keep: bool | None = None
-        self._sent: int | None = None
 
     def wire(self, request: web.BaseRequest, keep_alive: bool) -> bytes:
         raise NotImplementedError
@@ -68,22 +67,22 @@ class WireResponse(web.StreamResponse):
     def force_close(self) -> None:
         self._keep = False
 
-    @property
-    def prepared(self) -> bool:
-        return self._sent is not None
-
     # Bytes written, headers included (as aiohttp counts a web.Response's). A plain
     # attribute over StreamResponse's property: the access log reads it on every answer.
     body_length = 0
 
+    @property
+    def prepared(self) -> bool:
+        return self.body_length != 0  # an answer's bytes always hold its status line
+
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if self._sent is not None:
+        if self.body_length:
             return None
         keep = self._keep
         if keep is None:
             keep = self._keep = request.keep_alive
         data = self.wire(request, keep)
-        self._sent = self.body_length = len(data)
+        self.body_length = len(data)
         # The writer has no headers of its own queued, so this goes out as it is, in one
         # write, with aiohttp's accounting, its closed-transport check and its drain.
         await request.writer.write_eof(data)
