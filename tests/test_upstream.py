@@ -14,7 +14,7 @@ import asyncio
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -38,6 +38,21 @@ def answer_to(request: Request, body: bytes) -> bytes:
 async def by_path(request: Request) -> None:
     """The plainest upstream: the path back as the body, on a kept-alive connection."""
     request.writer.write(answer_to(request, request.path.encode()))
+
+
+def closes_when_reused(how: str) -> Callable[[Request], Awaitable[None]]:
+    """Answers a connection's first request, then closes it ("fin") or resets it ("rst")
+    as the next one comes: the upstream's idle timer firing just as it was reused."""
+
+    async def answer(request: Request) -> None:
+        if request.nth == 1:
+            request.writer.write(answer_to(request, request.path.encode()))
+        elif how == "fin":
+            request.writer.close()
+        else:
+            request.writer.transport.abort()
+
+    return answer
 
 
 async def wait_for(condition: Callable[[], bool], seconds: float = 2.0) -> None:
@@ -153,15 +168,7 @@ async def test_an_upstream_closing_after_each_answer_costs_no_502(
 async def test_a_get_on_a_connection_closed_as_it_was_reused_is_retried_once(
     start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, how: str
 ) -> None:
-    async def idle_closer(request: Request) -> None:
-        if request.nth == 1:
-            request.writer.write(answer_to(request, request.path.encode()))
-        elif how == "fin":  # the upstream's idle timer fired just as the request came
-            request.writer.close()
-        else:
-            request.writer.transport.abort()
-
-    up = await backend(idle_closer)
+    up = await backend(closes_when_reused(how))
     pg = await through(start_pollguard, up)
     client = await connect(pg)
     assert (await client.get("/first")).body == b"/first"
@@ -179,15 +186,7 @@ async def test_a_get_on_a_connection_closed_as_it_was_reused_is_retried_once(
 async def test_a_bodiless_post_on_a_connection_closed_as_it_was_reused_is_not_retried(
     start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, how: str
 ) -> None:
-    async def idle_closer(request: Request) -> None:
-        if request.nth == 1:
-            request.writer.write(ok(request.path.encode()))
-        elif how == "fin":
-            request.writer.close()
-        else:
-            request.writer.transport.abort()
-
-    up = await backend(idle_closer)
+    up = await backend(closes_when_reused(how))
     pg = await through(start_pollguard, up)
     client = await connect(pg)
     assert (await client.get("/first")).body == b"/first"
