@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import uvloop
@@ -62,6 +64,17 @@ def minimal_proxy(port: int, upstream: str) -> None:
                 loop=uvloop.new_event_loop())  # fmt: skip
 
 
+async def _low_level_server(
+    handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], port: int, **kwargs: Any
+) -> None:
+    """`handler` behind aiohttp's low-level server, as pollguard runs its own, until killed."""
+    runner = web.ServerRunner(web.Server(handler, **kwargs))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    gc.freeze()
+    await asyncio.Event().wait()
+
+
 def forwarder_only(port: int, upstream: str) -> None:
     """pollguard's own Forwarder behind aiohttp's low-level server: no rules, metrics or logs.
 
@@ -78,12 +91,7 @@ def forwarder_only(port: int, upstream: str) -> None:
         async def handler(request: web.BaseRequest) -> web.StreamResponse:
             return (await forwarder.forward(request)).response
 
-        server = web.Server(handler, auto_decompress=False)
-        runner = web.ServerRunner(server)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        gc.freeze()
-        await asyncio.Event().wait()
+        await _low_level_server(handler, port, auto_decompress=False)
 
     uvloop.run(serve())
 
@@ -123,14 +131,7 @@ def server_floor_aiohttp(port: int) -> None:
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         return Canned(410)
 
-    async def serve() -> None:
-        runner = web.ServerRunner(web.Server(handler))
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        gc.freeze()
-        await asyncio.Event().wait()
-
-    uvloop.run(serve())
+    uvloop.run(_low_level_server(handler, port))
 
 
 def server_floor_protocol(port: int) -> None:
