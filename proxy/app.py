@@ -19,6 +19,7 @@ from proxy.logs import LineSink, ProxyRequest, access_logger, open_sink, server_
 from proxy.matching import Matcher
 from proxy.metrics import NO_RULE, Metrics, RuleMetrics
 from proxy.rules import Rule, RuleSet, load_rules
+from proxy.serving import ProxyServer
 from proxy.settings import Address, Settings
 from proxy.state import Clock, StateStore
 from proxy.state.memory import MemoryState
@@ -205,7 +206,7 @@ class Pollguard:
         await self.state.retain(self.rules.rules)
         await self.forwarder.start()
         self._sink = open_sink(self.settings.access_log)
-        server = web.Server(
+        server = ProxyServer(
             self.handler,  # type: ignore[arg-type]  # its requests come from the factory below
             request_factory=ProxyRequest.factory(asyncio.get_running_loop()),
             handler_cancellation=True,  # a client that hangs up stops its upstream request too

@@ -1,0 +1,130 @@
+"""The public port's server: aiohttp's, running each request in its connection's task.
+
+aiohttp's RequestHandler.start() reads a connection's requests in turn and runs each
+one's handler in a new task, so that context variables set by one request cannot leak
+into the next (aiohttp #3406). pollguard's handler sets none, and the task cost ~11k
+instructions a request (valgrind, a pass-through with the access log off: 258.5k before,
+247.5k after): made, scheduled, tracked in asyncio's task set, awaited, and a loop turn
+to wake the connection's task when it is done. ProxyConnection.start() is aiohttp 3.14's loop with
+the handler awaited in place; everything else (parsing, 400s, keep-alive, lingering on an
+unread body, drain on shutdown, cancellation when the client hangs up) is aiohttp's own.
+pyproject pins aiohttp below 3.15 for this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from aiohttp.helpers import ceil_timeout
+from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import (
+    _PAYLOAD_ACCESS_ERROR,
+    ERROR,
+    RequestHandler,
+    _ErrInfo,
+)
+
+
+class ProxyConnection(RequestHandler):
+    """One client connection: aiohttp's protocol, its requests handled in its own task.
+
+    A client hanging up cancels that task (handler_cancellation), which now is the
+    handler itself, as the per-request task was before; shutdown() waits for it the same.
+    """
+
+    async def start(self) -> None:
+        loop = self._loop
+        manager = self._manager
+        assert manager is not None
+        keepalive_timeout = self._keepalive_timeout
+        factory = self._request_factory
+        handler = self._request_handler
+        assert factory is not None and handler is not None
+        messages = self._messages
+
+        while not self._force_close:
+            if not messages:
+                try:
+                    self._waiter = loop.create_future()  # data_received() sets it
+                    await self._waiter
+                finally:
+                    self._waiter = None
+
+            message, payload = messages.popleft()
+            if self._parser is not None:  # None only after connection_lost
+                self._parser.message_consumed()
+            if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
+                self._resume_reading_if_drained()
+
+            start = loop.time() if self._logging_enabled else None
+            manager.requests_count += 1
+            writer = StreamWriter(self, loop)
+            if isinstance(message, _ErrInfo):  # a malformed request: its 400
+                request_handler = self._make_error_handler(message)
+                message = ERROR
+            else:
+                request_handler = handler
+            request = factory(message, payload, self, writer, self._task_handler)  # type: ignore[arg-type]
+            try:
+                try:
+                    resp, reset = await self._handle_request(request, start, request_handler)
+                except ConnectionError:
+                    break
+                if reset:  # the client hung up while its answer was written
+                    break
+                self._keepalive = bool(resp.keep_alive)
+                if not payload.is_eof():
+                    await self._linger(payload)
+                payload.set_exception(_PAYLOAD_ACCESS_ERROR)
+            except asyncio.CancelledError:
+                self.force_close()
+                raise
+            except Exception as exc:
+                self.log_exception("Unhandled exception", exc_info=exc)
+                self.force_close()
+            except BaseException:
+                self.force_close()
+                raise
+            finally:
+                request._task = None  # type: ignore[assignment]  # no cycle through a traceback
+
+            if self._keepalive and not self._close and not self._force_close:
+                close_time = loop.time() + keepalive_timeout
+                self._next_keepalive_close_time = close_time
+                if self._keepalive_handle is None:
+                    self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
+            else:
+                break
+
+        if not self._force_close:
+            self._task_handler = None
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _linger(self, payload: StreamReader) -> None:
+        """A body the handler left unread: read and drop it for up to lingering_time, as
+        aiohttp does, so the next request on the connection starts where it should."""
+        loop = self._loop
+        if not self._force_close and self._lingering_time:
+            now = loop.time()
+            end = now + self._lingering_time
+            try:
+                while not payload.is_eof() and now < end:
+                    async with ceil_timeout(end - now):
+                        await payload.readany()
+                    now = loop.time()
+            except (asyncio.CancelledError, TimeoutError):
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+        if not payload.is_eof() and not self._force_close:
+            self.close()  # the rest of the body is still unread: no next request here
+
+
+class ProxyServer(web.Server):
+    """web.Server whose connections are ProxyConnections."""
+
+    def __call__(self) -> RequestHandler:
+        return ProxyConnection(self, loop=self._loop, **self._kwargs)
