@@ -23,11 +23,13 @@ from yarl import URL
 
 from proxy.headers import (
     RawHeaders,
-    request_head,
+    request_fields,
     request_headers,
+    request_line,
     response_fields,
     response_headers,
 )
+from proxy.serving import ProxyConnection
 from proxy.upstream import UpstreamPool
 from proxy.wire import WireResponse, connection_line, date_line
 
@@ -202,7 +204,7 @@ class Forwarder:
         self, pool: UpstreamPool, request: web.BaseRequest, target: str
     ) -> Forwarded:
         """A request without a body, through the lean pool (upstream.py)."""
-        head = request_head(request, target, self._authority)
+        head = request_line(request.method, target) + self._fields(request)
         started = time.perf_counter()
         try:
             proto, message, payload = await pool.exchange(request.method, head)
@@ -224,6 +226,22 @@ class Forwarder:
         finally:
             pool.release(proto)  # kept only if the answer was read to its end
         return Forwarded(answer, message.code, elapsed)
+
+    def _fields(self, request: web.BaseRequest) -> bytes:
+        """request_fields(), or the same bytes again when the connection's last request
+        had the same raw fields (valgrind, a pass-through with the access log off: 247.5k
+        instructions a request before, 234.8k after)."""
+        conn = request.protocol
+        if not isinstance(conn, ProxyConnection):
+            return request_fields(request, self._authority)
+        raw = request.raw_headers
+        version = request.version
+        memo = conn.upstream_fields
+        if memo is not None and memo[0] == raw and memo[1] == version:
+            return memo[2]
+        fields = request_fields(request, self._authority)
+        conn.upstream_fields = (raw, version, fields)
+        return fields
 
     async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
         """The client's body as it arrives, cut off when too large or too slow."""

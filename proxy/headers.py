@@ -3,7 +3,7 @@
 RFC 9110 7.6.1: `Connection` and every field it names, `Keep-Alive`, `TE`,
 `Transfer-Encoding`, `Upgrade` (but for WebSocket, handled in forward.py) and `Proxy-*`
 are for one hop only. Two forms of the same rules:
-- `request_head()` / `response_fields()` build the bytes for the wire straight from the
+- `request_fields()` / `response_fields()` build the bytes for the wire straight from the
   fields as received, in their own case and bytes: the lean path (upstream.py, wire.py);
 - `request_headers()` / `response_headers()` give a CIMultiDict, for aiohttp's client and
   StreamResponse: requests with a body, WebSocket, https, streamed answers.
@@ -85,13 +85,21 @@ def _forwarded_for(request: web.BaseRequest) -> str:
 # The two builders below run for every forwarded request: loops inlined, on purpose.
 
 
-def request_head(request: web.BaseRequest, target: str, authority: str) -> bytes:
-    """The whole request head for the upstream: request line, the client's end-to-end
-    fields as they came, then X-Forwarded-*, Via, and Host if the client sent none."""
+def request_line(method: str, target: str) -> bytes:
+    return _str_bytes(f"{method} {target} HTTP/1.1\r\n")
+
+
+def request_fields(request: web.BaseRequest, authority: str) -> bytes:
+    """The request's header lines for the upstream, through the blank line: the client's
+    end-to-end fields as they came, then X-Forwarded-*, Via, and Host if it sent none.
+
+    What they are made of is the client's raw fields, its version, and its connection
+    (address, scheme): requests alike on one connection get the same bytes.
+    """
     src = request.headers
     host = src.get("Host")
     skip = _skipped(src, _REQUEST_SKIP if host is None else _REQUEST_SKIP_HOST)
-    out = [_str_bytes(f"{request.method} {target} HTTP/1.1\r\n")]
+    out = []
     for field in request.raw_headers:
         lower = field[0].lower()
         if lower not in skip and lower[:6] != b"proxy-":

@@ -17,6 +17,7 @@ import asyncio
 
 from aiohttp import web
 from aiohttp.helpers import ceil_timeout
+from aiohttp.http import HttpVersion
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import (
@@ -26,6 +27,8 @@ from aiohttp.web_protocol import (
     _ErrInfo,
 )
 
+from proxy.headers import RawHeaders
+
 
 class ProxyConnection(RequestHandler):
     """One client connection: aiohttp's protocol, its requests handled in its own task.
@@ -33,6 +36,11 @@ class ProxyConnection(RequestHandler):
     A client hanging up cancels that task (handler_cancellation), which now is the
     handler itself, as the per-request task was before; shutdown() waits for it the same.
     """
+
+    # The last request's header fields as sent upstream (Forwarder), with the raw fields
+    # and version they were made from: a poller repeats them byte for byte on every
+    # request of its connection, and the rest of what they depend on is the connection's.
+    upstream_fields: tuple[RawHeaders, HttpVersion, bytes] | None = None
 
     async def start(self) -> None:
         loop = self._loop

@@ -46,3 +46,34 @@ async def test_a_body_left_unread_is_drained_and_the_connection_goes_on(
     after = await conn.response()
     assert (after.status, json.loads(after.body)["raw_path"]) == (200, "/echo/next")
     assert upstream.hits == {"t": 1}
+
+
+async def test_each_request_on_a_connection_carries_its_own_fields_upstream(
+    start_pollguard: StartPollguard, connect: Connect
+) -> None:
+    # Forwarder reuses the fields it built for the connection's last request when the
+    # next one's are the same bytes: any difference must give fields of its own.
+    pg = await start_pollguard()
+    conn = await connect(pg)
+    sent = [
+        b"GET /echo/1 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n",
+        b"GET /echo/2 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n",
+        b"GET /echo/3 HTTP/1.1\r\nHost: h\r\nX-A: 2\r\n\r\n",
+        b"GET /echo/4 HTTP/1.1\r\nHost: h\r\nx-a: 2\r\n\r\n",
+        b"GET /echo/5 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n",
+        b"GET /echo/6 HTTP/1.0\r\nHost: h\r\nX-A: 1\r\n\r\n",  # the fields of 5, in 1.0
+    ]
+    seen = []
+    for request in sent:
+        await conn.send(request)
+        echoed = json.loads((await conn.response()).body)
+        headers = [(n, v) for n, v in echoed["headers"] if n.lower() in ("x-a", "via")]
+        seen.append((echoed["raw_path"], headers))
+    assert seen == [
+        ("/echo/1", [("X-A", "1"), ("Via", "1.1 pollguard")]),
+        ("/echo/2", [("X-A", "1"), ("Via", "1.1 pollguard")]),
+        ("/echo/3", [("X-A", "2"), ("Via", "1.1 pollguard")]),
+        ("/echo/4", [("x-a", "2"), ("Via", "1.1 pollguard")]),
+        ("/echo/5", [("X-A", "1"), ("Via", "1.1 pollguard")]),
+        ("/echo/6", [("X-A", "1"), ("Via", "1.0 pollguard")]),
+    ]

@@ -65,10 +65,13 @@ def minimal_proxy(port: int, upstream: str) -> None:
 
 
 async def _low_level_server(
-    handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], port: int, **kwargs: Any
+    handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+    port: int,
+    server: type[web.Server] = web.Server,
+    **kwargs: Any,
 ) -> None:
-    """`handler` behind aiohttp's low-level server, as pollguard runs its own, until killed."""
-    runner = web.ServerRunner(web.Server(handler, **kwargs))
+    """`handler` behind aiohttp's low-level server (or pollguard's, `server`), until killed."""
+    runner = web.ServerRunner(server(handler, **kwargs))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     gc.freeze()
@@ -76,13 +79,14 @@ async def _low_level_server(
 
 
 def forwarder_only(port: int, upstream: str) -> None:
-    """pollguard's own Forwarder behind aiohttp's low-level server: no rules, metrics or logs.
+    """pollguard's own Forwarder behind pollguard's server: no rules, metrics or logs.
 
     pollguard's pass-through minus this is what matching, state, metrics and logging cost.
     """
     from yarl import URL
 
     from proxy.forward import Forwarder
+    from proxy.serving import ProxyServer
 
     async def serve() -> None:
         forwarder = Forwarder(URL(upstream))
@@ -91,7 +95,7 @@ def forwarder_only(port: int, upstream: str) -> None:
         async def handler(request: web.BaseRequest) -> web.StreamResponse:
             return (await forwarder.forward(request)).response
 
-        await _low_level_server(handler, port, auto_decompress=False)
+        await _low_level_server(handler, port, ProxyServer, auto_decompress=False)
 
     uvloop.run(serve())
 
