@@ -22,13 +22,15 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawResponseMessage
 from aiohttp.streams import StreamReader
 
+from proxy.headers import RawHeaders
+
 # RFC 9112 9.3.1: a request that may be sent twice may be retried once when a kept-alive
 # connection turns out to have been closed by the upstream just as it was reused
 # (aiohttp's ClientSession does the same).
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
-class _Connection(ResponseHandler):
+class UpstreamConnection(ResponseHandler):
     """aiohttp's client protocol, plus two guards against an upstream saying too much.
 
     Bytes arriving while the connection sits idle in the pool (an upstream speaking out
@@ -42,6 +44,8 @@ class _Connection(ResponseHandler):
     parser_for: bool | None = None  # whether its parser reads a HEAD's answers; None: none yet
     head_only = False  # a HEAD's answer is awaited
     _head = b""  # its current head so far, already fed to the parser
+    # Forwarder's: its last answer's raw header fields, and what it made of them
+    answer_fields: tuple[RawHeaders, tuple[bytes, bool]] | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.idle:
@@ -101,11 +105,11 @@ class UpstreamPool:
         # gunicorn 2 s is the exception the retry covers), as aiohttp's connector does.
         self._keepalive = keepalive_timeout
         self._max_idle = max_idle
-        self._idle: list[tuple[_Connection, float]] = []
+        self._idle: list[tuple[UpstreamConnection, float]] = []
 
     async def exchange(
         self, method: str, head: bytes
-    ) -> tuple[_Connection, RawResponseMessage, StreamReader]:
+    ) -> tuple[UpstreamConnection, RawResponseMessage, StreamReader]:
         """Send `head` and wait for the response's head (1xx interim answers skipped).
 
         Raises TimeoutError for a connect or read timeout (aiohttp's ServerTimeoutError is
@@ -122,7 +126,7 @@ class UpstreamPool:
         proto = await self._connect()
         return await self._send(proto, method, head)
 
-    def release(self, proto: _Connection) -> None:
+    def release(self, proto: UpstreamConnection) -> None:
         """Take back a connection whose response was read to its end, or close it."""
         if proto.should_close or not proto.is_connected() or len(self._idle) >= self._max_idle:
             proto.close()
@@ -135,7 +139,7 @@ class UpstreamPool:
             proto.close()
         self._idle.clear()
 
-    def _reuse(self) -> _Connection | None:
+    def _reuse(self) -> UpstreamConnection | None:
         idle = self._idle
         if not idle:
             return None
@@ -148,17 +152,17 @@ class UpstreamPool:
             proto.close()
         return None
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout):
             _, proto = await loop.create_connection(
-                lambda: _Connection(loop), self._host, self._port
+                lambda: UpstreamConnection(loop), self._host, self._port
             )
         return proto
 
     async def _send(
-        self, proto: _Connection, method: str, head: bytes
-    ) -> tuple[_Connection, RawResponseMessage, StreamReader]:
+        self, proto: UpstreamConnection, method: str, head: bytes
+    ) -> tuple[UpstreamConnection, RawResponseMessage, StreamReader]:
         head_only = method == "HEAD"
         if proto.parser_for is not head_only:
             # A new C parser per exchange, as ClientSession makes, was ~8k instructions

@@ -444,6 +444,48 @@ async def test_relayed_answers_keep_field_names_order_and_bytes_minus_hop_by_hop
     assert up.accepted == 1
 
 
+async def test_answers_on_one_connection_each_keep_their_own_fields(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    # A pooled connection remembers what its last answer's fields became: an answer whose
+    # fields differ in any byte (value, case, Date, a hop-by-hop list) is worked out anew.
+    answers = {
+        "/a": ok(b"1", b"X-V: 1"),
+        "/a-again": ok(b"2", b"X-V: 1"),  # the same fields, another body
+        "/b": ok(b"3", b"X-V: 2"),
+        "/b-case": ok(b"4", b"x-v: 2"),
+        "/b-dated": ok(b"5", b"x-v: 2", b"Date: Mon, 01 Jan 2024 00:00:00 GMT"),
+        "/b-hop": ok(b"6", b"x-v: 2", b"Connection: x-v"),
+    }
+
+    async def varied(request: Request) -> None:
+        request.writer.write(answers[request.path])
+
+    up = await backend(varied)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    seen = []
+    order = ["/a", "/a-again", "/b", "/b-case", "/b-dated", "/b-dated", "/b-hop", "/a", "/b"]
+    for path in order:
+        reply = await client.get(path)
+        fields = [(n, v if n != "Date" or "2024" in v else "pollguard's")
+                  for n, v in reply.headers if n.lower() in ("x-v", "date", "connection")]  # fmt: skip
+        seen.append((path, reply.body, fields))
+    own, theirs = ("Date", "pollguard's"), ("Date", "Mon, 01 Jan 2024 00:00:00 GMT")
+    assert seen == [
+        ("/a", b"1", [("X-V", "1"), own]),
+        ("/a-again", b"2", [("X-V", "1"), own]),
+        ("/b", b"3", [("X-V", "2"), own]),
+        ("/b-case", b"4", [("x-v", "2"), own]),
+        ("/b-dated", b"5", [("x-v", "2"), theirs]),
+        ("/b-dated", b"5", [("x-v", "2"), theirs]),
+        ("/b-hop", b"6", [own]),
+        ("/a", b"1", [("X-V", "1"), own]),
+        ("/b", b"3", [("X-V", "2"), own]),
+    ]
+    assert up.accepted == 1
+
+
 async def test_relayed_answers_to_http10_clients_and_on_close(
     start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
 ) -> None:
