@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+from proxy.guard import Action
+from proxy.rules import Rule
+from proxy.state.memory import MemoryState
 from tests.conftest import Connect, StartPollguard
 from tests.support import Upstream, rule_toml, ruleset
 
@@ -77,3 +80,27 @@ async def test_each_request_on_a_connection_carries_its_own_fields_upstream(
         ("/echo/5", [("X-A", "1"), ("Via", "1.1 pollguard")]),
         ("/echo/6", [("X-A", "1"), ("Via", "1.0 pollguard")]),
     ]
+
+
+class _Broken(MemoryState):
+    """A store with a bug for one task id: an exception pollguard has no answer for."""
+
+    async def admit(self, rule: Rule, task_id: str) -> Action:
+        if task_id == "boom":
+            raise RuntimeError("a bug")
+        return await super().admit(rule, task_id)
+
+
+async def test_a_handler_failing_is_a_500_and_the_next_connection_is_served(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect
+) -> None:
+    upstream.statuses["fine"] = 200
+    pg = await start_pollguard(state=_Broken())
+    conn = await connect(pg)
+    await conn.send(b"GET /test/status/boom HTTP/1.1\r\nHost: h\r\n\r\n")
+    failed = await conn.response()
+    assert (failed.status, failed.get("Connection")) == (500, "close")
+    assert await conn.closed_within(5) == b""
+    again = await connect(pg)
+    assert (await again.get("/test/status/fine")).status == 200
+    assert upstream.hits == {"fine": 1}
