@@ -61,7 +61,7 @@ class BlockedAnswer(WireResponse):
     """
 
     def __init__(self, rule: Rule, task_id: str) -> None:
-        super().__init__(rule.response.status)
+        super().__init__(rule.response.status, rule.response.phrase)
         self.rule = rule.name
         self.task_id = task_id
         self._response = rule.response

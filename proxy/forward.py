@@ -353,7 +353,7 @@ class Relayed(WireResponse):
 
     def __init__(self, status: int, reason: str, fields: bytes, date: bool, body: bytes) -> None:
         """`fields` and `date` as _relayed_fields() gives them."""
-        super().__init__(status)
+        super().__init__(status, reason)
         self._phrase = reason.encode("utf-8", "surrogateescape")
         self._fields = fields
         self._date = date

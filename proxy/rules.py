@@ -12,6 +12,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,8 @@ class Response:
     # Whether pollguard adds Date and Server, as aiohttp does unless the rule sets them.
     adds_date: bool = field(init=False, repr=False, compare=False)
     adds_server: bool = field(init=False, repr=False, compare=False)
+    # The status's reason phrase, as aiohttp gives it ("" for a status with none registered).
+    phrase: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_parts", tuple(p.encode() for p in self.body.split(PLACEHOLDER)))
@@ -57,6 +60,11 @@ class Response:
         object.__setattr__(self, "head", head)
         object.__setattr__(self, "adds_date", "date" not in own)
         object.__setattr__(self, "adds_server", "server" not in own)
+        try:
+            phrase = HTTPStatus(self.status).phrase
+        except ValueError:
+            phrase = ""
+        object.__setattr__(self, "phrase", phrase)
 
     def render(self, task_id: str) -> bytes:
         """The body with `{task_id}` filled in JSON-escaped (safe inside a JSON string)."""

@@ -162,6 +162,19 @@ async def test_nothing_can_be_written_after_the_answer(write: str) -> None:
     await answer.write_eof()  # what aiohttp's server calls after prepare()
 
 
+@pytest.mark.parametrize(("status", "reason"), [(410, "Gone"), (503, "Service Unavailable"),
+                                               (499, "")])  # fmt: skip
+def test_an_answer_reads_as_a_response_with_its_headers_in_its_bytes(
+    status: int, reason: str
+) -> None:
+    rule = Rule(name="r", path=PATH, template=TEMPLATE, response=Response(status=status))
+    answer = BlockedAnswer(rule, "t")
+    assert (answer.status, answer.reason, dict(answer.headers)) == (status, reason, {})
+    with pytest.raises(TypeError):  # nothing can be added that would never be sent
+        answer.headers["X-Late"] = "1"  # type: ignore[index]
+    assert not answer.prepared
+
+
 async def test_blocked_answers_through_pollguard(
     start_pollguard: StartPollguard, tmp_path: Path
 ) -> None:
