@@ -642,6 +642,34 @@ async def test_a_silent_upstream_is_a_504_after_upstream_timeout_and_is_not_reus
     assert up.seen[-1] == (2, 1, "GET", "/after")
 
 
+async def test_only_the_answer_past_its_deadline_times_out_never_one_still_in_time(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    # One sweep times out every late answer at once; a request sent later, still within
+    # its own upstream timeout when that sweep runs, must get its answer.
+    async def answer(request: Request) -> None:
+        if request.path == "/silent":
+            await hang(request.reader)
+            return
+        await asyncio.sleep(0.5)
+        request.writer.write(ok(b"in time"))
+
+    up = await backend(answer)
+    pg = await through(start_pollguard, up, upstream_timeout=1.0)
+    silent, later = await connect(pg), await connect(pg)
+    started = time.monotonic()
+
+    async def timed_out_after() -> float:
+        assert (await silent.get("/silent")).status == 504
+        return time.monotonic() - started
+
+    first = asyncio.ensure_future(timed_out_after())
+    await asyncio.sleep(0.6)
+    second = await later.get("/slow")  # its deadline at 1.6 s, its answer at 1.1 s
+    assert (second.status, second.body) == (200, b"in time")
+    assert 1.0 <= await first < 1.5
+
+
 @pytest.mark.parametrize("size", [1_000, 1_000_000], ids=["read-whole", "streamed"])
 async def test_a_body_stalling_after_its_head_is_cut_after_upstream_timeout(
     start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, size: int
