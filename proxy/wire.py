@@ -4,7 +4,7 @@ A web.Response costs ~60k instructions between the handler's return and the sock
 (valgrind): a CIMultiDict of headers filled, defaults added, serialized, then the body.
 For an answer whose bytes are known when the handler returns (a relayed upstream
 response read whole; a blocked key's answer), WireResponse writes status line, headers
-and body in one `writer.write_eof()`, following aiohttp's rules for the rest: the
+and body in one transport write, following aiohttp's rules for the rest: the
 status line's version, keep-alive and `Connection`, no body to HEAD.
 """
 
@@ -15,6 +15,7 @@ from email.utils import formatdate
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.client_exceptions import ClientConnectionResetError
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -90,10 +91,18 @@ class WireResponse(web.StreamResponse):
         if keep is None:
             keep = self._keep = request.keep_alive
         data = self.wire(request, keep)
-        self.body_length = len(data)
-        # The writer has no headers of its own queued, so this goes out as it is, in one
-        # write, with aiohttp's accounting, its closed-transport check and its drain.
-        await request.writer.write_eof(data)
+        size = self.body_length = len(data)
+        # Straight to the transport, with what StreamWriter.write_eof() would do around
+        # the write, without its two coroutines (valgrind, a pass-through with the access
+        # log off: 214.4k instructions a request through it, 211.4k without).
+        protocol = request.protocol
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            raise ClientConnectionResetError("Cannot write to closing transport")
+        request.writer.output_size += size  # what aiohttp checks before any error answer
+        transport.write(data)
+        if protocol._paused:  # the client reads slower than answers come: wait, as drain()
+            await protocol._drain_helper()
         return None
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:

@@ -104,3 +104,22 @@ async def test_a_handler_failing_is_a_500_and_the_next_connection_is_served(
     again = await connect(pg)
     assert (await again.get("/test/status/fine")).status == 200
     assert upstream.hits == {"fine": 1}
+
+
+async def test_a_client_that_stops_reading_stops_its_requests_not_fills_memory(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect
+) -> None:
+    # Answers are written straight to the transport: past its high-water mark pollguard
+    # must wait for the client to read, as aiohttp's drain() does, not buffer every answer.
+    pg = await start_pollguard()
+    conn = await connect(pg)
+    conn.writer.transport.pause_reading()  # type: ignore[attr-defined]  # reads nothing
+    request = b"GET /bytes?size=60000 HTTP/1.1\r\nHost: h\r\n\r\n"
+    conn.writer.write(request * 600)  # 36 MB of answers, were they all sent
+    await asyncio.sleep(1.0)
+    answered = len([r for r in upstream.raw_paths if r.startswith("/bytes")])
+    assert 0 < answered < 400  # 67 here; the rest is the kernel's socket buffers
+    conn.writer.transport.resume_reading()  # type: ignore[attr-defined]
+    for _ in range(600):  # and once it reads, every answer arrives, whole and in order
+        reply = await conn.response(timeout=10)
+        assert (reply.status, len(reply.body)) == (200, 60000)
