@@ -154,7 +154,14 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             proto, since = idle.pop()
-            if now - since < self._keepalive and proto.is_connected() and not proto.should_close:
+            # release() kept it only if should_close was false; what can befall it while
+            # idle (the upstream's close, bytes out of turn) closes its transport.
+            transport = proto.transport
+            if (
+                now - since < self._keepalive
+                and transport is not None
+                and not transport.is_closing()
+            ):
                 proto.idle = False
                 return proto
             proto.close()
