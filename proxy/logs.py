@@ -17,17 +17,23 @@ from json.encoder import encode_basestring_ascii as _q  # the C encoder, ~20x js
 from typing import IO, Any
 
 from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
+from aiohttp.http import HttpVersion, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import StreamReader
+from aiohttp.streams import EmptyStreamReader, StreamReader
 from aiohttp.web import BaseRequest, StreamResponse
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.blocked import BlockedAnswer
+from proxy.headers import RawHeaders
 
 # What the proxy handler decided, for the access log:
 # (rule name, task id or None, outcome, upstream seconds or None).
 Decision = tuple[str, str | None, str, float | None]
+
+
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
 class ProxyRequest(BaseRequest):
@@ -38,6 +44,37 @@ class ProxyRequest(BaseRequest):
     """
 
     decision: Decision | None = None  # None: an answer aiohttp gave on its own (a 400)
+
+    # aiohttp computes these on first read, through a Python getter each, and keeps them
+    # in a dict (its `reify`): ~1k instructions a property, and every request reads them.
+    # Here they are plain attributes, set once from the parsed message.
+    # (A class attribute each, or the base's read-only descriptor would take the write.)
+    method: str = ""
+    raw_path: str = ""
+    version: HttpVersion = HttpVersion11
+    headers: CIMultiDictProxy[str] = _NO_HEADERS
+    raw_headers: RawHeaders = ()
+    keep_alive: bool = False
+    body_exists: bool = False
+
+    def __init__(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        payload_writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+        loop: asyncio.AbstractEventLoop,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(message, payload, protocol, payload_writer, task, loop, **kwargs)
+        self.method = message.method
+        self.raw_path = message.path
+        self.version = message.version
+        self.headers = message.headers
+        self.raw_headers = message.raw_headers
+        self.keep_alive = not message.should_close
+        self.body_exists = type(payload) is not EmptyStreamReader
 
     @classmethod
     def factory(cls, loop: asyncio.AbstractEventLoop) -> Callable[..., ProxyRequest]:

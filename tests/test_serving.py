@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 
+from aiohttp import web
+
 from proxy.guard import Action
+from proxy.logs import ProxyRequest
 from proxy.rules import Rule
+from proxy.serving import ProxyServer
 from proxy.state.memory import MemoryState
 from tests.conftest import Connect, StartPollguard
 from tests.support import Upstream, rule_toml, ruleset
@@ -123,3 +127,44 @@ async def test_a_client_that_stops_reading_stops_its_requests_not_fills_memory(
     for _ in range(600):  # and once it reads, every answer arrives, whole and in order
         reply = await conn.response(timeout=10)
         assert (reply.status, len(reply.body)) == (200, 60000)
+
+
+async def test_a_proxy_request_reads_as_aiohttp_reads_the_same_request() -> None:
+    # ProxyRequest keeps as plain attributes what aiohttp computes on first read: through
+    # pollguard's server, each must equal what aiohttp's own getter gives for the request.
+    names = ("method", "raw_path", "version", "headers", "raw_headers", "keep_alive",
+             "body_exists")  # fmt: skip
+    seen: list[tuple[list[object], list[object]]] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        ours = [getattr(request, n) for n in names]
+        theirs = [getattr(web.BaseRequest, n).__get__(request) for n in names]
+        seen.append((ours, theirs))
+        await request.read()
+        return web.Response(text="ok")
+
+    loop = asyncio.get_running_loop()
+    runner = web.ServerRunner(ProxyServer(handler, request_factory=ProxyRequest.factory(loop)))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        for request in (
+            b"GET /test/status/a?b=1 HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"HEAD /%7Ex HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nX-A: 1\r\n\r\n{}",
+            b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            await reader.readuntil(b"\r\n\r\n")
+            writer.close()
+    finally:
+        await runner.cleanup()
+    assert len(seen) == 4
+    for ours, theirs in seen:
+        assert ours == theirs
+    assert [ours[0] for ours, _ in seen] == ["GET", "HEAD", "POST", "GET"]
+    assert [ours[5:] for ours, _ in seen] == [[True, False], [True, False], [True, True],
+                                              [False, False]]  # fmt: skip
