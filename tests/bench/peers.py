@@ -79,13 +79,15 @@ async def _low_level_server(
 
 
 def forwarder_only(port: int, upstream: str) -> None:
-    """pollguard's own Forwarder behind pollguard's server: no rules, metrics or logs.
+    """pollguard's own Forwarder behind pollguard's server and requests: no rules, metrics
+    or logs.
 
     pollguard's pass-through minus this is what matching, state, metrics and logging cost.
     """
     from yarl import URL
 
     from proxy.forward import Forwarder
+    from proxy.logs import ProxyRequest
     from proxy.serving import ProxyServer
 
     async def serve() -> None:
@@ -95,7 +97,11 @@ def forwarder_only(port: int, upstream: str) -> None:
         async def handler(request: web.BaseRequest) -> web.StreamResponse:
             return (await forwarder.forward(request)).response
 
-        await _low_level_server(handler, port, ProxyServer, auto_decompress=False)
+        loop = asyncio.get_running_loop()
+        await _low_level_server(
+            handler, port, ProxyServer, request_factory=ProxyRequest.factory(loop),
+            auto_decompress=False,
+        )  # fmt: skip
 
     uvloop.run(serve())
 
