@@ -37,10 +37,11 @@ _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
 class ProxyRequest(BaseRequest):
-    """The public port's requests: aiohttp's, with a place for the handler's decision.
+    """The public port's requests: aiohttp's, with a place for the handler's decision and
+    what every request reads kept as plain attributes (below).
 
-    A plain attribute: `request[key] = ...` and its read cost two Python-level calls of
-    aiohttp's MutableMapping on every request (~1k instructions).
+    `decision` is a plain attribute: `request[key] = ...` and its read cost two
+    Python-level calls of aiohttp's MutableMapping on every request (~1k instructions).
     """
 
     decision: Decision | None = None  # None: an answer aiohttp gave on its own (a 400)

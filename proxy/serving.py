@@ -1,14 +1,15 @@
-"""The public port's server: aiohttp's, running each request in its connection's task.
+"""The public port's server: aiohttp's, with less done around each request.
 
 aiohttp's RequestHandler.start() reads a connection's requests in turn and runs each
 one's handler in a new task, so that context variables set by one request cannot leak
 into the next (aiohttp #3406). pollguard's handler sets none, and the task cost ~11k
 instructions a request (valgrind, a pass-through with the access log off: 258.5k before,
 247.5k after): made, scheduled, tracked in asyncio's task set, awaited, and a loop turn
-to wake the connection's task when it is done. ProxyConnection.start() is aiohttp 3.14's loop with
-the handler awaited in place; everything else (parsing, 400s, keep-alive, lingering on an
-unread body, drain on shutdown, cancellation when the client hangs up) is aiohttp's own.
-pyproject pins aiohttp below 3.15 for this.
+to wake the connection's task when it is done. ProxyConnection.start() is aiohttp 3.14's
+loop with the handler awaited in place, and its answer sent and logged by one coroutine
+(_answer) where aiohttp takes two. Everything else (parsing, 400s, keep-alive, lingering
+on an unread body, drain on shutdown, cancellation when the client hangs up, the answer
+to a handler that raises) is aiohttp's own. pyproject pins aiohttp below 3.15 for this.
 """
 
 from __future__ import annotations
