@@ -43,7 +43,12 @@ def serve(port: int, path: str, requests: int) -> None:
             )
             head = b""
             while not head.endswith(b"\r\n\r\n"):
-                head += reader.readline()
+                line = reader.readline()
+                if not line:  # a row whose front broke must fail, not wait forever
+                    raise RuntimeError(f"connection closed after {head!r}")
+                head += line
+            if head[9:10] == b"5":  # "HTTP/1.1 5xx": the front failed; its count means nothing
+                raise RuntimeError(f"the front answered {head!r}")
             length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
             if length is None:
                 raise RuntimeError(f"no Content-Length in {head!r}")

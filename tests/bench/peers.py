@@ -139,7 +139,7 @@ def server_floor_aiohttp(port: int) -> None:
             return wire
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
-        return Canned(410)
+        return Canned(410, "Gone")
 
     uvloop.run(_low_level_server(handler, port))
 
