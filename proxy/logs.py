@@ -23,17 +23,15 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EmptyStreamReader, StreamReader
 from aiohttp.web import BaseRequest, StreamResponse
 from aiohttp.web_protocol import RequestHandler
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 from proxy.blocked import BlockedAnswer
 from proxy.headers import RawHeaders
+from proxy.wire import EMPTY_HEADERS
 
 # What the proxy handler decided, for the access log:
 # (rule name, task id or None, outcome, upstream seconds or None).
 Decision = tuple[str, str | None, str, float | None]
-
-
-_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
 class ProxyRequest(BaseRequest):
@@ -53,7 +51,7 @@ class ProxyRequest(BaseRequest):
     method: str = ""
     raw_path: str = ""
     version: HttpVersion = HttpVersion11
-    headers: CIMultiDictProxy[str] = _NO_HEADERS
+    headers: CIMultiDictProxy[str] = EMPTY_HEADERS
     raw_headers: RawHeaders = ()
     keep_alive: bool = False
     body_exists: bool = False
