@@ -55,6 +55,24 @@ def closes_when_reused(how: str) -> Callable[[Request], Awaitable[None]]:
     return answer
 
 
+def stalls_on_first_connection(
+    notes: list[str], sent: bytes = b""
+) -> Callable[[Request], Awaitable[None]]:
+    """The first connection gets `sent` (nothing by default), then silence until pollguard
+    closes it, noted in `notes` ("closed by pollguard"); later connections are answered
+    as by_path."""
+
+    async def answer(request: Request) -> None:
+        if request.conn > 1:
+            await by_path(request)
+            return
+        request.writer.write(sent)
+        await hang(request.reader)
+        notes.append("closed by pollguard")
+
+    return answer
+
+
 async def wait_for(condition: Callable[[], bool], seconds: float = 2.0) -> None:
     async with asyncio.timeout(seconds):
         while not condition():
@@ -620,22 +638,16 @@ async def test_a_refused_connect_is_a_fast_502(
 async def test_a_silent_upstream_is_a_504_after_upstream_timeout_and_is_not_reused(
     start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
 ) -> None:
-    async def first_silent(request: Request) -> None:
-        if request.conn > 1:
-            request.writer.write(ok(request.path.encode()))
-            return
-        await hang(request.reader)
-        up.notes.append("closed by pollguard")
-
-    up = await backend(first_silent)
+    notes: list[str] = []
+    up = await backend(stalls_on_first_connection(notes))
     pg = await through(start_pollguard, up, upstream_timeout=0.3)
     client = await connect(pg)
     started = time.monotonic()
     reply = await client.get("/silent")
     assert reply.status == 504
     assert 0.3 <= time.monotonic() - started < 1.3
-    await wait_for(lambda: bool(up.notes))
-    assert up.notes == ["closed by pollguard"]
+    await wait_for(lambda: bool(notes))
+    assert notes == ["closed by pollguard"]
 
     reply = await client.get("/after")  # on a new connection, not the timed-out one
     assert (reply.status, reply.body) == (200, b"/after")
@@ -674,15 +686,9 @@ async def test_only_the_answer_past_its_deadline_times_out_never_one_still_in_ti
 async def test_a_body_stalling_after_its_head_is_cut_after_upstream_timeout(
     start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, size: int
 ) -> None:
-    async def stalls(request: Request) -> None:
-        if request.conn > 1:
-            request.writer.write(ok(request.path.encode()))
-            return
-        request.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\nxxxx" % size)
-        await hang(request.reader)
-        up.notes.append("closed by pollguard")
-
-    up = await backend(stalls)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\nxxxx" % size
+    notes: list[str] = []
+    up = await backend(stalls_on_first_connection(notes, head))
     pg = await through(start_pollguard, up, upstream_timeout=0.3)
     client = await connect(pg)
     started = time.monotonic()
@@ -694,7 +700,7 @@ async def test_a_body_stalling_after_its_head_is_cut_after_upstream_timeout(
         assert b" 200 " in await client.closed_within(2.0)
         client = await connect(pg)
     assert 0.3 <= time.monotonic() - started < 1.5
-    await wait_for(lambda: bool(up.notes))  # the stalled connection is closed, not kept
+    await wait_for(lambda: bool(notes))  # the stalled connection is closed, not kept
     reply = await client.get("/after")
     assert (reply.status, reply.body) == (200, b"/after")
     assert up.seen[-1] == (2, 1, "GET", "/after")
