@@ -22,11 +22,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EmptyStreamReader, StreamReader
 from aiohttp.web import BaseRequest, StreamResponse
-from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDictProxy
 
 from proxy.blocked import BlockedAnswer
 from proxy.headers import RawHeaders
+from proxy.serving import ProxyConnection
 from proxy.wire import EMPTY_HEADERS
 
 # What the proxy handler decided, for the access log:
@@ -55,18 +55,22 @@ class ProxyRequest(BaseRequest):
     raw_headers: RawHeaders = ()
     keep_alive: bool = False
     body_exists: bool = False
+    remote: str | None = None  # the connection's (ProxyConnection.remote), or clone()'s
 
     def __init__(
         self,
         message: RawRequestMessage,
         payload: StreamReader,
-        protocol: RequestHandler,
+        protocol: ProxyConnection,
         payload_writer: AbstractStreamWriter,
         task: asyncio.Task[None],
         loop: asyncio.AbstractEventLoop,
+        *,
+        remote: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(message, payload, protocol, payload_writer, task, loop, **kwargs)
+        self.remote = protocol.remote if remote is None else remote
         self.method = message.method
         self.raw_path = message.path
         self.version = message.version
@@ -82,7 +86,7 @@ class ProxyRequest(BaseRequest):
         def make(
             message: RawRequestMessage,
             payload: StreamReader,
-            protocol: RequestHandler,
+            protocol: ProxyConnection,
             writer: AbstractStreamWriter,
             task: asyncio.Task[None],
         ) -> ProxyRequest:

@@ -133,13 +133,15 @@ async def test_a_proxy_request_reads_as_aiohttp_reads_the_same_request() -> None
     # ProxyRequest keeps as plain attributes what aiohttp computes on first read: through
     # pollguard's server, each must equal what aiohttp's own getter gives for the request.
     names = ("method", "raw_path", "version", "headers", "raw_headers", "keep_alive",
-             "body_exists")  # fmt: skip
+             "body_exists", "remote")  # fmt: skip
     seen: list[tuple[list[object], list[object]]] = []
+    cloned: list[str | None] = []
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         ours = [getattr(request, n) for n in names]
         theirs = [getattr(web.BaseRequest, n).__get__(request) for n in names]
         seen.append((ours, theirs))
+        cloned.append(request.clone(remote="192.0.2.7").remote)  # clone()'s still wins
         await request.read()
         return web.Response(text="ok")
 
@@ -166,5 +168,7 @@ async def test_a_proxy_request_reads_as_aiohttp_reads_the_same_request() -> None
     for ours, theirs in seen:
         assert ours == theirs
     assert [ours[0] for ours, _ in seen] == ["GET", "HEAD", "POST", "GET"]
-    assert [ours[5:] for ours, _ in seen] == [[True, False], [True, False], [True, True],
-                                              [False, False]]  # fmt: skip
+    assert [ours[5:7] for ours, _ in seen] == [[True, False], [True, False], [True, True],
+                                               [False, False]]  # fmt: skip
+    assert [ours[7] for ours, _ in seen] == ["127.0.0.1"] * 4  # the connection's, once each
+    assert cloned == ["192.0.2.7"] * 4
