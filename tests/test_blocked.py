@@ -172,6 +172,8 @@ def test_an_answer_reads_as_a_response_with_its_headers_in_its_bytes(
     assert (answer.status, answer.reason, dict(answer.headers)) == (status, reason, {})
     with pytest.raises(TypeError):  # nothing can be added that would never be sent
         answer.headers["X-Late"] = "1"  # type: ignore[index]
+    with pytest.raises(RuntimeError, match="fixed when it is made"):
+        answer.set_status(200)  # the access log's status would no longer be the one sent
     assert not answer.prepared
 
 
