@@ -57,6 +57,19 @@ class UpstreamConnection(ResponseHandler):
             data = self._up_to_final_head(data)
         super().data_received(data)
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """aiohttp's, when there is something to resume.
+
+        The answer's StreamReader calls this after every read that leaves it under its
+        low-water mark and again at the answer's end, paused or not: each call fed the
+        parser an empty buffer and asked the transport to resume (valgrind, a
+        pass-through with the access log on: 215.7k instructions a request before,
+        207.4k after). Unpaused, there is nothing for either: the transport is reading,
+        and with decompression off the parser keeps nothing back.
+        """
+        if self._reading_paused or self._buffer_paused:
+            super().resume_reading(resume_parser)
+
     def time_out(self) -> None:
         """The upstream said nothing within the read timeout: the waiting read raises."""
         self.set_exception(ServerTimeoutError("Timeout on reading data from socket"))

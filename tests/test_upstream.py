@@ -21,6 +21,7 @@ import pytest
 from proxy.upstream import UpstreamPool
 from tests.conftest import Connect, Running, StartPollguard
 from tests.rawhttp import Backend, Request, StartBackend, hang
+from tests.support import pattern
 
 
 def ok(body: bytes, *fields: bytes) -> bytes:
@@ -377,6 +378,28 @@ async def test_a_client_hanging_up_mid_stream_closes_the_upstream_connection(
     reply = await client.get("/after")
     assert (reply.status, reply.body) == (200, b"/after")
     assert up.seen[-1] == (2, 1, "GET", "/after")
+
+
+async def test_a_paused_upstream_connection_resumes_and_stays_pooled(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    # 16 MB sent at once outruns the client: the answer's reader fills past its high-water
+    # mark and pauses the connection, many times over. Each resume must reach the
+    # transport (UpstreamConnection.resume_reading skips only the unpaused calls), or
+    # the body stalls; afterwards the connection serves the next request.
+    body = pattern(16_000_000)
+
+    async def big(request: Request) -> None:
+        request.writer.write(ok(body if request.path == "/big" else request.path.encode()))
+
+    up = await backend(big)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    await client.send(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+    reply = await client.response(timeout=20)
+    assert (reply.status, len(reply.body), reply.body == body) == (200, len(body), True)
+    assert (await client.get("/after")).body == b"/after"
+    assert up.accepted == 1
 
 
 async def test_an_idle_pooled_connection_that_receives_an_unasked_answer_is_not_reused(
