@@ -56,6 +56,9 @@ class ProxyRequest(BaseRequest):
     keep_alive: bool = False
     body_exists: bool = False
     remote: str | None = None  # the connection's (ProxyConnection.remote), or clone()'s
+    # the connection and the answer's writer, as aiohttp's properties give them
+    protocol: ProxyConnection = None  # type: ignore[assignment]  # set by __init__
+    writer: AbstractStreamWriter = None  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -71,6 +74,8 @@ class ProxyRequest(BaseRequest):
     ) -> None:
         super().__init__(message, payload, protocol, payload_writer, task, loop, **kwargs)
         self.remote = protocol.remote if remote is None else remote
+        self.protocol = protocol
+        self.writer = payload_writer
         self.method = message.method
         self.raw_path = message.path
         self.version = message.version

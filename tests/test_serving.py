@@ -133,7 +133,7 @@ async def test_a_proxy_request_reads_as_aiohttp_reads_the_same_request() -> None
     # ProxyRequest keeps as plain attributes what aiohttp computes on first read: through
     # pollguard's server, each must equal what aiohttp's own getter gives for the request.
     names = ("method", "raw_path", "version", "headers", "raw_headers", "keep_alive",
-             "body_exists", "remote")  # fmt: skip
+             "body_exists", "remote", "protocol", "writer")  # fmt: skip
     seen: list[tuple[list[object], list[object]]] = []
     cloned: list[str | None] = []
 
