@@ -1,6 +1,6 @@
 """pollguard against its reference points, side by side in one run, with wrk.
 
-    python tests/bench/bench_proxy.py [--seconds 5] [--connections 32] [--redis]
+    python tests/bench/bench_proxy.py [--seconds 5] [--connections 32] [--redis] [--rounds 1]
 
 Starts the benchmark upstream (tests/bench/upstream.py --raw: the same bytes as the
 aiohttp upstream at a tenth of its CPU, so that the upstream and wrk, sharing CPU 0 on a
@@ -9,6 +9,11 @@ pollguard's Forwarder alone, the minimal aiohttp proxy and a bare aiohttp handle
 (peers.py), and nginx / HAProxy when installed. The front is pinned to CPU 1. For each it prints requests/s and the front's CPU
 time per request (read from /proc: steadier than rps on a shared machine), then the
 ratios the performance issue sets targets for. Timings are printed, never asserted.
+
+This machine's speed drifts within a run: a row can come out 30% slower than the rows
+around it. `--rounds N` runs the whole sequence N times, so that each front is measured
+in every stretch, and reports each front's median over the rounds, with the main
+ratios round by round.
 """
 
 from __future__ import annotations
@@ -215,8 +220,9 @@ class Bench:
         self.up_port = up_port
         self.upstream = f"http://127.0.0.1:{up_port}"
         self.env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.rows: dict[str, Row] = {}
-        self.added_p99_ms = float("nan")
+        self.rows: dict[str, Row] = {}  # this round's
+        self.rounds: list[dict[str, Row]] = []  # every round's rows, this one's last
+        self.added: list[float] = []  # p99 added, every pair of every round
         self.rules = tmp / "rules.toml"
         self.rules.write_text(BENCH_RULES)
 
@@ -270,7 +276,7 @@ class Bench:
         seconds = self.args.latency_seconds
         port = free_port()
         argv = [sys.executable, str(HERE / "upstream.py"), str(port), "--raw"]
-        added = []
+        added = self.added
         with process(pinned(1, argv), port):
             for _ in range(self.args.latency_runs):
                 proxied = loadgen.run(pollguard_port, LIVE, rate, seconds)
@@ -279,7 +285,6 @@ class Bench:
                 print(f"  open loop at {rate:,.0f} rps (half of max): pollguard p50 {proxied.p50_ms:.2f} ms"
                       f" p99 {proxied.p99_ms:.2f} ms; direct p50 {direct.p50_ms:.2f} ms"
                       f" p99 {direct.p99_ms:.2f} ms: {added[-1]:.2f} ms added", flush=True)  # fmt: skip
-        self.added_p99_ms = statistics.median(added)
 
     def blocked_reference(self) -> None:
         print("blocked path reference: the same 410 bytes from a bare aiohttp handler")
@@ -304,6 +309,31 @@ def redis_server(tmp: Path) -> Iterator[int]:
             "--appendonly", "no", "--dir", str(tmp)]  # fmt: skip
     with process(pinned(0, argv), port):
         yield port
+
+
+def medians(rounds: list[dict[str, Row]]) -> dict[str, Row]:
+    """Each front's median requests/s, CPU time per request and p99 over the rounds."""
+    merged = {}
+    for key in rounds[0]:
+        rows = [r[key] for r in rounds if key in r]
+        merged[key] = Row(
+            rows[0].name,
+            statistics.median(r.rps for r in rows),
+            statistics.median(r.cpu_us for r in rows),
+            statistics.median(r.p99_ms for r in rows),
+        )
+    return merged
+
+
+def report_rounds(rounds: list[dict[str, Row]]) -> None:
+    print(f"\nmedians over {len(rounds)} rounds")
+    for row in medians(rounds).values():
+        print(f"  {row.name:<48} {row.rps:>9,.0f} rps {row.cpu_us:>7.1f} us/req"
+              f"   p99 {row.p99_ms:6.2f} ms")  # fmt: skip
+    for label, a, b in (("pass-through vs minimal aiohttp proxy", "pg-memory", "minimal"),
+                        ("blocked path vs bare aiohttp handler", "pg-blocked-memory", "canned")):  # fmt: skip
+        per_round = [f"{r[a].rps / r[b].rps:.2f}x" for r in rounds if a in r and b in r]
+        print(f"  {label}, round by round (rps): {' '.join(per_round)}")
 
 
 def report(rows: dict[str, Row], added_p99_ms: float) -> None:
@@ -348,7 +378,11 @@ def main() -> None:
     parser.add_argument("--latency-runs", type=int, default=3, help="pairs; the median is kept")
     parser.add_argument("--redis", action="store_true", help="also run pollguard on Redis state")
     parser.add_argument("--no-peers", action="store_true", help="skip nginx and HAProxy")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every front this many times; medians are reported")  # fmt: skip
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     for tool, package in (("wrk", "wrk"), ("taskset", "util-linux"), ("pgrep", "procps")):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found: apt-get install -y {package}")
@@ -361,15 +395,23 @@ def main() -> None:
         upstream = [sys.executable, str(HERE / "upstream.py"), str(up_port), "--raw"]
         with process(pinned(0, upstream), up_port):
             bench = Bench(args, tmp, up_port)
-            bench.pass_through()
-            bench.pollguard("memory", "memory://")
-            if args.redis:
-                with redis_server(tmp) as redis_port:
-                    bench.pollguard("redis", f"redis://127.0.0.1:{redis_port}/0")
-            bench.blocked_reference()
-            if not args.no_peers:
-                bench.peers()
-    report(bench.rows, bench.added_p99_ms)
+            for n in range(args.rounds):
+                if args.rounds > 1:
+                    print(f"-- round {n + 1} of {args.rounds}")
+                bench.rows = {}
+                bench.rounds.append(bench.rows)
+                bench.pass_through()
+                bench.pollguard("memory", "memory://")
+                if args.redis:
+                    with redis_server(tmp) as redis_port:
+                        bench.pollguard("redis", f"redis://127.0.0.1:{redis_port}/0")
+                bench.blocked_reference()
+                if not args.no_peers:
+                    bench.peers()
+    if args.rounds > 1:
+        report_rounds(bench.rounds)
+    added = statistics.median(bench.added) if bench.added else float("nan")
+    report(medians(bench.rounds), added)
 
 
 if __name__ == "__main__":
