@@ -193,6 +193,12 @@ async def test_access_log_is_json_lines_with_a_marker_for_blocked_answers(
     }  # fmt: skip
     assert records[0]["outcome"] == "forwarded" and records[0]["status"] == 404
     assert records[6]["rule"] == "none"
+    # durations to the microsecond, a forwarded request's whole time never below its
+    # upstream part (the event loop's clock under uvloop counts whole milliseconds)
+    forwarded = [r for r in records if "upstream_ms" in r]
+    assert len(forwarded) == 8
+    assert all(r["ms"] >= r["upstream_ms"] > 0 for r in forwarded), forwarded
+    assert any(r["ms"] != int(r["ms"]) for r in records), records
     assert sum('"pollguard":"blocked"' in line for line in lines) == 1
 
 
