@@ -15,11 +15,11 @@ from proxy.blocked import BlockedAnswer
 from proxy.errors import ConfigError, RulesError, StateError
 from proxy.forward import Forwarder
 from proxy.guard import Action
-from proxy.logs import LineSink, ProxyRequest, access_logger, open_sink, server_logger
+from proxy.logs import LineSink, access_logger, open_sink, server_logger
 from proxy.matching import Matcher
 from proxy.metrics import NO_RULE, Metrics, RuleMetrics
 from proxy.rules import Rule, RuleSet, load_rules
-from proxy.serving import ProxyServer
+from proxy.serving import ProxyRequest, ProxyServer
 from proxy.settings import Address, Settings
 from proxy.state import Clock, StateStore
 from proxy.state.memory import MemoryState

@@ -8,9 +8,8 @@ import json
 from aiohttp import web
 
 from proxy.guard import Action
-from proxy.logs import ProxyRequest
 from proxy.rules import Rule
-from proxy.serving import ProxyServer
+from proxy.serving import ProxyRequest, ProxyServer
 from proxy.state.memory import MemoryState
 from tests.conftest import Connect, StartPollguard
 from tests.support import Upstream, rule_toml, ruleset

@@ -87,8 +87,7 @@ def forwarder_only(port: int, upstream: str) -> None:
     from yarl import URL
 
     from proxy.forward import Forwarder
-    from proxy.logs import ProxyRequest
-    from proxy.serving import ProxyServer
+    from proxy.serving import ProxyRequest, ProxyServer
 
     async def serve() -> None:
         forwarder = Forwarder(URL(upstream))
