@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,13 +192,15 @@ def get(url: str) -> int:
         return int(exc.code)
 
 
-def nginx_conf(upstream_port: int, tmp: Path) -> Path:
-    conf = tmp / "nginx.conf"
+def nginx_conf(upstream_port: int, tmp: Path, name: str = "nginx") -> Path:
+    conf = tmp / f"{name}.conf"
+    # keepalive_requests: nginx closes a client's connection after 1,000 requests by
+    # default; HAProxy and pollguard never do, and the load generator does not reconnect
     conf.write_text(f"""
-worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/nginx.err;
+worker_processes 1; daemon off; pid {tmp}/{name}.pid; error_log {tmp}/{name}.err;
 events {{ worker_connections 4096; }}
 http {{
-  access_log off;
+  access_log off; keepalive_requests 1000000;
   client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
   uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
   upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
@@ -245,6 +247,7 @@ class Bench:
         self.rows: dict[str, Row] = {}  # this round's
         self.rounds: list[dict[str, Row]] = []  # every round's rows, this one's last
         self.added: list[float] = []  # p99 added, every pair of every round
+        self.nginx_added: list[float] = []  # the same for nginx, the control
         self.rules = tmp / "rules.toml"
         self.rules.write_text(BENCH_RULES)
 
@@ -293,6 +296,9 @@ class Bench:
 
         The runs alternate, pollguard then direct, and the median of the differences is
         kept: one pair on this kind of machine moves by more than the 1 ms target.
+        nginx, when installed (and peers not skipped), runs a third leg as the control:
+        a proxy of ~30 us a request on the same CPUs, so what it adds at the same rate
+        is what this machine's scheduling adds to any proxy here.
         """
         rate = self.rows["pg-memory"].rps / 2
         seconds = self.args.latency_seconds
@@ -300,7 +306,16 @@ class Bench:
         argv = [sys.executable, str(HERE / "upstream.py"), str(port), "--raw"]
         added = self.added
         log = self.tmp / "access-memory.log"
-        with process(pinned(1, argv), port):
+        with ExitStack() as stack:
+            stack.enter_context(process(pinned(1, argv), port))
+            nginx_port = None
+            if shutil.which("nginx") and not self.args.no_peers:
+                nginx_port = free_port()
+                conf = nginx_conf(self.up_port, self.tmp, "nginx-latency")
+                conf.write_text(conf.read_text().replace("{port}", str(nginx_port)))
+                nginx = ["nginx", "-c", str(conf), "-p", str(self.tmp), "-e",
+                         str(self.tmp / "nginx-latency.err")]  # fmt: skip
+                stack.enter_context(process(pinned(1, nginx), nginx_port))
             for _ in range(self.args.latency_runs):
                 offset = log.stat().st_size
                 proxied = loadgen.run(pollguard_port, LIVE, rate, seconds)
@@ -310,6 +325,12 @@ class Bench:
                       f" p99 {proxied.p99_ms:.2f} ms; direct p50 {direct.p50_ms:.2f} ms"
                       f" p99 {direct.p99_ms:.2f} ms: {added[-1]:.2f} ms added", flush=True)  # fmt: skip
                 print(f"    {in_handler(log, offset)}", flush=True)
+                if nginx_port is not None:
+                    control = loadgen.run(nginx_port, LIVE, rate, seconds)
+                    self.nginx_added.append(control.p99_ms - direct.p99_ms)
+                    print(f"    control, nginx at the same rate: p50 {control.p50_ms:.2f} ms"
+                          f" p99 {control.p99_ms:.2f} ms: {self.nginx_added[-1]:.2f} ms added",
+                          flush=True)  # fmt: skip
 
     def blocked_reference(self) -> None:
         print("blocked path reference: the same 410 bytes from a bare aiohttp handler")
@@ -361,7 +382,7 @@ def report_rounds(rounds: list[dict[str, Row]]) -> None:
         print(f"  {label}, round by round (rps): {' '.join(per_round)}")
 
 
-def report(rows: dict[str, Row], added_p99_ms: float) -> None:
+def report(rows: dict[str, Row], added_p99_ms: float, nginx_added_ms: float) -> None:
     def ratio(a: str, b: str) -> str:
         if a not in rows or b not in rows:
             return "n/a"
@@ -381,6 +402,8 @@ def report(rows: dict[str, Row], added_p99_ms: float) -> None:
         f"  blocked path vs bare aiohttp handler    {ratio('pg-blocked-memory', 'canned')}  target >= 1.0x"
     )
     print(f"  p99 added at half load (median)         {added_p99_ms:.2f} ms  target < 1 ms")
+    if nginx_added_ms == nginx_added_ms:  # not NaN: the control ran
+        print(f"    nginx at the same rate (the control)  {nginx_added_ms:.2f} ms")
     if "pg-redis" in rows:
         print(
             f"  pass-through, redis vs memory           {ratio('pg-redis', 'pg-memory')}  target >= 0.8x"
@@ -436,7 +459,8 @@ def main() -> None:
     if args.rounds > 1:
         report_rounds(bench.rounds)
     added = statistics.median(bench.added) if bench.added else float("nan")
-    report(medians(bench.rounds), added)
+    control = statistics.median(bench.nginx_added) if bench.nginx_added else float("nan")
+    report(medians(bench.rounds), added, control)
 
 
 if __name__ == "__main__":
