@@ -6,10 +6,20 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cachetools import Cache
+
 from proxy.guard import Action, Outcome
 from proxy.rules import Rule
 
 Clock = Callable[[], float]
+
+# The stores' hot reads of a cachetools cache. get() costs a dozen Python calls (its
+# timer context, the expiry check, the LRU touch), even for an absent key.
+# held(): whether the cache holds the key at all, expired or not: one dict lookup.
+held = Cache.__contains__
+# stored(): a held key's value as stored, expired or not, without the LRU touch; the
+# caller checks the entry's time itself.
+stored = Cache.__getitem__
 
 
 @dataclass(frozen=True, slots=True)

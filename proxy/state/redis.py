@@ -33,7 +33,7 @@ from yarl import URL
 from proxy.errors import ConfigError, StateError
 from proxy.guard import Action, KeyState, Outcome
 from proxy.rules import Rule
-from proxy.state import Block, Clock, Stats
+from proxy.state import Block, Clock, Stats, held, stored
 from proxy.state.circuit import Circuit
 
 log = logging.getLogger("pollguard.state")
@@ -115,6 +115,7 @@ class RedisState:
         # on, so a steady stream of blocked polls never waits on Redis, and an unblock on
         # another replica still shows here within the lifetime.
         self._refresh_after = cache_ttl / 2
+        self._cache_ttl = cache_ttl
         # Keys Redis showed "clean" (no count, no block) within the cache lifetime: a live
         # task's poll. Such a key is admitted without asking, as a blocked one is blocked
         # without asking; another replica's block on it shows here within the lifetime.
@@ -176,10 +177,12 @@ class RedisState:
         if key in self._clean:
             return Action.FORWARD
         now = self._clock()
-        cached = self._blocked.get(key)
+        # The entry as stored, not TTLCache.get() (a dozen Python calls a blocked poll):
+        # its lifetime is checked here, from when it was read, as the cache would.
+        cached = stored(self._blocked, key) if held(self._blocked, key) else None
         if cached is not None:
             blocked_until, next_probe, read_at = cached
-            if now < blocked_until and now < next_probe:
+            if now < blocked_until and now < next_probe and now - read_at < self._cache_ttl:
                 if now - read_at >= self._refresh_after and key not in self._refreshing:
                     self._refresh(key, cached)
                 return Action.BLOCK
