@@ -10,7 +10,6 @@ second. What goes on the wire is what aiohttp would send for the same web.Respon
 from __future__ import annotations
 
 import functools
-from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion
@@ -22,11 +21,8 @@ _SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 
 
 @functools.lru_cache(maxsize=64)
-def _status_line(version: HttpVersion, status: int) -> bytes:
-    try:
-        reason = HTTPStatus(status).phrase
-    except ValueError:
-        reason = ""  # as aiohttp: a status without a registered phrase gets none
+def _status_line(version: HttpVersion, status: int, reason: str) -> bytes:
+    """`reason`: the rule's Response.phrase (empty for a status with none registered)."""
     return f"HTTP/{version.major}.{version.minor} {status} {reason}\r\n".encode()
 
 
@@ -37,7 +33,7 @@ def answer(
     body = response.render(task_id)
     # The rules refuse 1xx, 204 and 304, so only HEAD (and a 2xx to CONNECT) has no body.
     empty = method == "HEAD" or (method == "CONNECT" and 200 <= response.status < 300)
-    parts = [_status_line(version, response.status), response.head]
+    parts = [_status_line(version, response.status, response.phrase), response.head]
     if empty:
         if body and method == "HEAD":
             parts.append(b"Content-Length: %d\r\n" % len(body))

@@ -63,7 +63,7 @@ class Response:
         try:
             phrase = HTTPStatus(self.status).phrase
         except ValueError:
-            phrase = ""
+            phrase = ""  # as aiohttp: a status without a registered phrase gets none
         object.__setattr__(self, "phrase", phrase)
 
     def render(self, task_id: str) -> bytes:
