@@ -175,10 +175,7 @@ def in_handler(log: Path, offset: int) -> str:
     whole = sorted(d["ms"] for d in lines if "upstream_ms" in d)
     if not own:
         return "no access log lines with upstream_ms"
-
-    def pct(values: list[float], q: float) -> float:
-        return values[min(len(values) - 1, int(len(values) * q))]
-
+    pct = loadgen.percentile
     return (f"in pollguard's handler ({len(own):,} requests): p50 {pct(whole, 0.5):.2f} ms"
             f" p99 {pct(whole, 0.99):.2f} ms; its own part, upstream taken out: p50"
             f" {pct(own, 0.5):.2f} ms p99 {pct(own, 0.99):.2f} ms")  # fmt: skip

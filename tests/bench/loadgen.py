@@ -63,14 +63,18 @@ async def measure(
         )
     )  # fmt: skip
     samples.sort()
-    n = len(samples)
     return Latency(
         rate=rate,
-        sent=n,
-        p50_ms=samples[n // 2] * 1000,
-        p99_ms=samples[min(n - 1, int(n * 0.99))] * 1000,
+        sent=len(samples),
+        p50_ms=percentile(samples, 0.5) * 1000,
+        p99_ms=percentile(samples, 0.99) * 1000,
         max_ms=samples[-1] * 1000,
     )
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The value below which a fraction `q` of `ordered` (sorted, not empty) lies."""
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 def run(port: int, path: str, rate: float, seconds: float) -> Latency:
