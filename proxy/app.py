@@ -54,13 +54,13 @@ class ProxyHandler:
     async def __call__(self, request: ProxyRequest) -> web.StreamResponse:
         hit = self._matcher.match(request.method, request.raw_path)
         if hit is None:  # no rule: forwarded and counted as "none", inline (no coroutine more)
-            response, status, seconds = await self.forwarder.forward(request)
+            response, status, ns = await self.forwarder.forward(request)
             none = self._none
-            if seconds is not None:
-                none.duration.observe(seconds)
+            if ns is not None:
+                none.duration.observe(ns)
             outcome = "forwarded" if status is not None else "upstream_error"
             none.outcomes[outcome].inc()
-            request.decision = (NO_RULE, None, outcome, seconds)
+            request.decision = (NO_RULE, None, outcome, ns)
             return response
         rule, task_id = hit
         metrics = self.metrics.rule(rule.name)
@@ -75,8 +75,8 @@ class ProxyHandler:
             return BlockedAnswer(rule, task_id)  # the access log reads the decision off it
 
         fwd = await self.forwarder.forward(request)
-        if fwd.upstream_seconds is not None:
-            metrics.duration.observe(fwd.upstream_seconds)
+        if fwd.upstream_ns is not None:
+            metrics.duration.observe(fwd.upstream_ns)
         if fwd.status is None:
             outcome = "upstream_error"
         elif action is Action.BLOCK:
@@ -86,7 +86,7 @@ class ProxyHandler:
             outcome = "probe" if action is Action.PROBE else "forwarded"
             await self._record(rule, task_id, fwd.status, metrics)
         metrics.outcomes[outcome].inc()
-        request.decision = (rule.name, task_id, outcome, fwd.upstream_seconds)
+        request.decision = (rule.name, task_id, outcome, fwd.upstream_ns)
         return fwd.response
 
     async def _record(self, rule: Rule, task_id: str, status: int, metrics: RuleMetrics) -> None:

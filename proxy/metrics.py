@@ -30,6 +30,7 @@ RELOAD_RESULTS = ("ok", "error")
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The `le` labels as prometheus_client writes them (its floatToGoString: "0.001", "1.0").
 _LE = (*(repr(float(b)) for b in DURATION_BUCKETS), "+Inf")
+_BOUNDS_NS = tuple(round(b * 1e9) for b in DURATION_BUCKETS)  # durations come in nanoseconds
 
 
 class Count:
@@ -46,18 +47,18 @@ class Count:
 
 
 class Timing:
-    """One histogram series of seconds, over DURATION_BUCKETS."""
+    """One histogram series of seconds, over DURATION_BUCKETS, fed in nanoseconds."""
 
-    __slots__ = ("counts", "created", "total")
+    __slots__ = ("counts", "created", "total_ns")
 
     def __init__(self) -> None:
         self.counts = [0] * len(_LE)  # per bucket, not cumulative; the last is +Inf
-        self.total = 0.0
+        self.total_ns = 0  # exact: an int does not round as a float sum would
         self.created = time.time()
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1  # le: bound >= seconds
-        self.total += seconds
+    def observe(self, ns: int) -> None:
+        self.counts[bisect_left(_BOUNDS_NS, ns)] += 1  # le: bound >= the duration
+        self.total_ns += ns
 
 
 class RuleMetrics:
@@ -104,7 +105,7 @@ class _PerRule(Collector):
             blocked.add_metric([name], m.keys_blocked.value, created=m.keys_blocked.created)
             timing = m.duration
             buckets = list(zip(_LE, accumulate(timing.counts), strict=True))
-            duration.add_metric([name], buckets, timing.total)
+            duration.add_metric([name], buckets, timing.total_ns / 1e9)
             duration.samples.append(
                 Sample(f"{duration.name}_created", {"rule": name}, timing.created)
             )

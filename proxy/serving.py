@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from time import perf_counter
+from time import perf_counter_ns
 from typing import Any
 
 from aiohttp import web
@@ -55,6 +55,14 @@ class ProxyConnection(RequestHandler):
     # The client's address as request.remote gives it, worked out once a connection
     # (aiohttp's getter, on every request's first read, ~1k instructions).
     remote: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        logger = self.access_logger
+        if logger is not None:  # logs.AccessLogger takes nanoseconds; any other, seconds
+            self._log_ns: Callable[[web.BaseRequest, web.StreamResponse, int], None] = getattr(
+                logger, "log_ns", lambda request, resp, ns: logger.log(request, resp, ns / 1e9)
+            )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -150,12 +158,13 @@ class ProxyConnection(RequestHandler):
         reads no form (request._finish() closes a form's files), and a declined Upgrade
         goes the other way (start()).
 
-        The access log's duration is timed with perf_counter(), not the event loop's
+        The access log's duration is timed with perf_counter_ns(), not the event loop's
         clock, which uvloop keeps in whole milliseconds, read once per loop iteration:
         a request answered within the iteration that read it was logged as 0 ms after
-        an upstream wait of 0.3 ms.
+        an upstream wait of 0.3 ms. Integer nanoseconds, as the upstream's wait is
+        (forward.py): the log line turns them into text by table lookups (logs.py).
         """
-        started = perf_counter() if self._logging_enabled else None
+        started = perf_counter_ns() if self._logging_enabled else None
         self._request_in_progress = True
         failed = None
         try:
@@ -180,10 +189,12 @@ class ProxyConnection(RequestHandler):
             if self._handler_waiter is not None:  # shutdown() waits for this request
                 self._handler_waiter.set_result(None)
         if failed is not None:  # aiohttp's path logs on the loop's clock: started, on it
-            start = None if started is None else self._loop.time() - (perf_counter() - started)
+            start = None
+            if started is not None:
+                start = self._loop.time() - (perf_counter_ns() - started) / 1e9
             return await self._handle_request(request, start, _raising(failed))
         if started is not None:  # the access log is on
-            self.access_logger.log(request, resp, perf_counter() - started)  # type: ignore[union-attr]
+            self._log_ns(request, resp, perf_counter_ns() - started)
         return resp, reset
 
     async def _linger(self, payload: StreamReader) -> None:
@@ -221,8 +232,8 @@ class ProxyServer(web.Server):
 
 
 # What the proxy handler decided, for the access log:
-# (rule name, task id or None, outcome, upstream seconds or None).
-Decision = tuple[str, str | None, str, float | None]
+# (rule name, task id or None, outcome, upstream nanoseconds or None).
+Decision = tuple[str, str | None, str, int | None]
 
 
 class ProxyRequest(web.BaseRequest):

@@ -7,11 +7,13 @@ import json
 import logging
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
 
-from proxy.logs import _timestamp
+from proxy.forward import Relayed
+from proxy.logs import _timestamp, access_logger
 from tests.conftest import StartPollguard
 from tests.support import Upstream, rule_toml, ruleset
 
@@ -91,3 +93,35 @@ async def test_durations_are_milliseconds_with_three_decimals(
     assert len(ms) == len(upstream_ms) == 2, text
     assert 45 <= upstream_ms[0] <= ms[0]  # the poll waited 50 ms upstream
     assert 0 <= upstream_ms[1] <= ms[1] < 45
+
+
+@pytest.mark.parametrize(
+    ("ns", "upstream_ns", "ms", "upstream_ms"),
+    [
+        (0, 0, "0.000", "0.000"),
+        (999, 1_000, "0.000", "0.001"),  # truncated to the microsecond
+        (1_234_567, 312_999, "1.234", "0.312"),
+        (9_999_999, 10_000_000, "9.999", "10.000"),  # the table's last, and past it
+        (123_456_789_000, 30_000_000_000, "123456.789", "30000.000"),
+    ],
+)
+def test_durations_read_the_same_from_the_table_and_past_it(
+    ns: int, upstream_ns: int, ms: str, upstream_ms: str
+) -> None:
+    lines: list[str] = []
+
+    class Sink:
+        def write(self, line: str) -> None:
+            lines.append(line)
+
+    request = SimpleNamespace(remote="192.0.2.1", method="GET", raw_path="/x/t-1",
+                              decision=("r", "t-1", "forwarded", upstream_ns))  # fmt: skip
+    for size in (150, 1000, 123456):
+        response = Relayed(404, "Not Found", b"", True, b"")
+        response.body_length = size
+        access_logger(Sink())(logging.getLogger("test"), "").log_ns(request, response, ns)  # type: ignore[arg-type]
+    assert [json.loads(line)["bytes"] for line in lines] == [150, 1000, 123456]
+    for line in lines:
+        assert '"status":404,' in line
+        assert f'"ms":{ms},' in line
+        assert line.endswith(f'"task_id":"t-1","upstream_ms":{upstream_ms}}}\n')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import aiohttp
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -121,7 +122,7 @@ def test_per_rule_series_expose_as_prometheus_clients_own_would() -> None:
         duration.labels(rule)
     m = ours.rule("task-status")
     for seconds in (0.0005, 0.001, 0.0011, 0.3, 1, 29.9, 30, 31):  # on, under and over bounds
-        m.duration.observe(seconds)
+        m.duration.observe(round(seconds * 1e9))  # ours takes nanoseconds
         duration.labels("task-status").observe(seconds)
     for outcome, times in (("forwarded", 3), ("blocked", 2), ("would_block", 1)):
         for _ in range(times):
@@ -144,7 +145,8 @@ def test_per_rule_series_expose_as_prometheus_clients_own_would() -> None:
             for s in family.samples
         }  # fmt: skip
 
-    assert exposed(ours.registry) == exposed(theirs)
+    # the _sum only to 1e-12: ours adds integer nanoseconds exactly, theirs float seconds
+    assert exposed(ours.registry) == pytest.approx(exposed(theirs), rel=1e-12, abs=0)
     assert (
         generate_latest(ours.registry).count(
             b"# TYPE pollguard_upstream_duration_seconds histogram"

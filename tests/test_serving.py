@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from proxy.guard import Action
 from proxy.rules import Rule
@@ -171,3 +173,37 @@ async def test_a_proxy_request_reads_as_aiohttp_reads_the_same_request() -> None
                                                [False, False]]  # fmt: skip
     assert [ours[7] for ours, _ in seen] == ["127.0.0.1"] * 4  # the connection's, once each
     assert cloned == ["192.0.2.7"] * 4
+
+
+async def test_an_access_logger_of_aiohttps_own_kind_is_given_seconds() -> None:
+    # pollguard's AccessLogger takes integer nanoseconds (log_ns); any other
+    # AbstractAccessLogger is called as aiohttp calls it, with float seconds.
+    logged: list[tuple[str, int, float]] = []
+
+    class Seconds(AbstractAccessLogger):
+        def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+            logged.append((request.raw_path, response.status, time))
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        await asyncio.sleep(0.02)
+        return web.Response(text="ok")
+
+    loop = asyncio.get_running_loop()
+    server = ProxyServer(
+        handler, request_factory=ProxyRequest.factory(loop), access_log_class=Seconds,
+        access_log=logging.getLogger("test"),
+    )  # fmt: skip
+    runner = web.ServerRunner(server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        assert (await reader.read())[:15] == b"HTTP/1.1 200 OK"
+        writer.close()
+    finally:
+        await runner.cleanup()
+    [(path, status, seconds)] = logged
+    assert (path, status) == ("/slow", 200)
+    assert 0.015 < seconds < 5  # seconds, not nanoseconds
