@@ -24,7 +24,6 @@ from proxy.blocked import BlockedAnswer
 from proxy.serving import ProxyRequest
 
 FLUSH_EVERY = 0.2  # seconds; lines are written in batches, not one syscall each
-FLUSH_LINES = 256  # or sooner, when this many are waiting (~64 KiB)
 
 
 _MILLIS = tuple(f"{ms:03d}Z" for ms in range(1000))  # a timestamp's last part
@@ -69,31 +68,30 @@ _timestamp = _Timestamps().text  # a bound method: cheaper to call than __call__
 
 
 class LineSink:
-    """Buffers log lines and writes them in batches from the event loop."""
+    """Gathers log lines and writes them every FLUSH_EVERY seconds, in one write each time.
+
+    Made on the running event loop, whose timer flushes it. Between two flushes it holds
+    what the proxy logged meanwhile: 0.2 s of lines (~0.6 MB at 10,000 requests/s).
+    """
 
     def __init__(self, stream: IO[bytes]) -> None:
         self._stream = stream
-        self._buffer: list[str] = []  # encoded once per batch, not once per line
-        self._scheduled = False
+        self._lines: list[str] = []  # encoded once per batch, not once per line
+        # The access log's call for each line: the list's own append. A method of ours
+        # that also counted the batch and set its timer cost ~5x as much (~800 instructions).
+        self.append = self._lines.append
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(FLUSH_EVERY, self._tick)
 
-    def write(self, line: str) -> None:
-        buffer = self._buffer
-        buffer.append(line)
-        if len(buffer) >= FLUSH_LINES:
-            self.flush()
-        elif not self._scheduled:
-            try:
-                asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
-                self._scheduled = True
-            except RuntimeError:  # no loop (offline use): write through
-                self.flush()
+    def _tick(self) -> None:
+        self.flush()
+        self._timer = self._loop.call_later(FLUSH_EVERY, self._tick)
 
     def flush(self) -> None:
-        self._scheduled = False
-        if not self._buffer:
+        if not self._lines:
             return
-        data = "".join(self._buffer).encode()
-        self._buffer.clear()
+        data = "".join(self._lines).encode()
+        self._lines.clear()  # the same list: `append` stays bound to it
         try:
             self._stream.write(data)
             self._stream.flush()
@@ -101,6 +99,7 @@ class LineSink:
             pass  # a closed stdout must not take the proxy down
 
     def close(self) -> None:
+        self._timer.cancel()
         self.flush()
         if self._stream not in (sys.stdout.buffer, sys.stderr.buffer):
             self._stream.close()
@@ -148,31 +147,31 @@ class AccessLogger(AbstractAccessLogger):
             f'"ms":{_MS[us] if us < _MS_TABLE else _millis(us)}'
         )
         if type(response) is BlockedAnswer:  # the hot one: a rule name needs no escaping
-            sink.write(
+            sink.append(
                 f'{line},"rule":"{response.rule}","outcome":"blocked",'
                 f'"task_id":{_q(response.task_id)},"pollguard":"blocked"}}\n'
             )
             return
         decision = request.decision
         if decision is None:  # an answer aiohttp gave on its own (a malformed request's 400)
-            sink.write(line + "}\n")
+            sink.append(line + "}\n")
             return
         rule, task_id, outcome, upstream = decision
         # rule and outcome are validated names: no escaping
         if upstream is None:  # an upstream error, or a probe's 502 of pollguard's own
             if task_id is None:
-                sink.write(f'{line},"rule":"{rule}","outcome":"{outcome}"}}\n')
+                sink.append(f'{line},"rule":"{rule}","outcome":"{outcome}"}}\n')
             else:
-                sink.write(
+                sink.append(
                     f'{line},"rule":"{rule}","outcome":"{outcome}","task_id":{_q(task_id)}}}\n'
                 )
             return
         up = upstream // 1000
         up_ms = _MS[up] if up < _MS_TABLE else _millis(up)
         if task_id is None:
-            sink.write(f'{line},"rule":"{rule}","outcome":"{outcome}","upstream_ms":{up_ms}}}\n')
+            sink.append(f'{line},"rule":"{rule}","outcome":"{outcome}","upstream_ms":{up_ms}}}\n')
         else:
-            sink.write(
+            sink.append(
                 f'{line},"rule":"{rule}","outcome":"{outcome}","task_id":{_q(task_id)},'
                 f'"upstream_ms":{up_ms}}}\n'
             )

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from proxy.forward import Relayed
-from proxy.logs import _timestamp, access_logger
+from proxy.logs import FLUSH_EVERY, _timestamp, access_logger
 from tests.conftest import StartPollguard
 from tests.support import Upstream, rule_toml, ruleset
 
@@ -111,8 +111,7 @@ def test_durations_read_the_same_from_the_table_and_past_it(
     lines: list[str] = []
 
     class Sink:
-        def write(self, line: str) -> None:
-            lines.append(line)
+        append = lines.append
 
     request = SimpleNamespace(remote="192.0.2.1", method="GET", raw_path="/x/t-1",
                               decision=("r", "t-1", "forwarded", upstream_ns))  # fmt: skip
@@ -125,3 +124,26 @@ def test_durations_read_the_same_from_the_table_and_past_it(
         assert '"status":404,' in line
         assert f'"ms":{ms},' in line
         assert line.endswith(f'"task_id":"t-1","upstream_ms":{upstream_ms}}}\n')
+
+
+async def test_lines_reach_the_file_while_serving_a_batch_at_a_time(
+    start_pollguard: StartPollguard, tmp_path: Path
+) -> None:
+    log = tmp_path / "access.log"
+    pg = await start_pollguard(access_log=str(log))
+
+    async def lines_after(path: str) -> list[str]:
+        async with aiohttp.ClientSession() as http, http.get(pg.url(path)) as resp:
+            await resp.read()
+        for _ in range(50):  # written by the sink's timer, every FLUSH_EVERY (0.2 s)
+            await asyncio.sleep(FLUSH_EVERY / 2)
+            lines = log.read_text().splitlines()
+            if lines and json.loads(lines[-1])["path"] == path:
+                return lines
+        raise AssertionError(f"{path} not logged within 5 s: {log.read_text()!r}")
+
+    assert len(await lines_after("/first")) == 1
+    await asyncio.sleep(FLUSH_EVERY * 3)  # quiet: flushes with nothing to write
+    assert len(await lines_after("/second")) == 2
+    await pg.pg.stop()
+    assert len(log.read_text().splitlines()) == 2
