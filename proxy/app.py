@@ -55,11 +55,8 @@ class ProxyHandler:
         hit = self._matcher.match(request.method, request.raw_path)
         if hit is None:  # no rule: forwarded and counted as "none", inline (no coroutine more)
             response, status, ns = await self.forwarder.forward(request)
-            none = self._none
-            if ns is not None:
-                none.duration.observe(ns)
             outcome = "forwarded" if status is not None else "upstream_error"
-            none.outcomes[outcome].inc()
+            self._none.forwarded(outcome, ns)
             request.decision = (NO_RULE, None, outcome, ns)
             return response
         rule, task_id = hit
@@ -75,8 +72,6 @@ class ProxyHandler:
             return BlockedAnswer(rule, task_id)  # the access log reads the decision off it
 
         fwd = await self.forwarder.forward(request)
-        if fwd.upstream_ns is not None:
-            metrics.duration.observe(fwd.upstream_ns)
         if fwd.status is None:
             outcome = "upstream_error"
         elif action is Action.BLOCK:
@@ -85,7 +80,7 @@ class ProxyHandler:
         else:
             outcome = "probe" if action is Action.PROBE else "forwarded"
             await self._record(rule, task_id, fwd.status, metrics)
-        metrics.outcomes[outcome].inc()
+        metrics.forwarded(outcome, fwd.upstream_ns)
         request.decision = (rule.name, task_id, outcome, fwd.upstream_ns)
         return fwd.response
 

@@ -47,7 +47,8 @@ class Count:
 
 
 class Timing:
-    """One histogram series of seconds, over DURATION_BUCKETS, fed in nanoseconds."""
+    """One histogram series of seconds, over DURATION_BUCKETS, fed in nanoseconds
+    (RuleMetrics.forwarded)."""
 
     __slots__ = ("counts", "created", "total_ns")
 
@@ -55,10 +56,6 @@ class Timing:
         self.counts = [0] * len(_LE)  # per bucket, not cumulative; the last is +Inf
         self.total_ns = 0  # exact: an int does not round as a float sum would
         self.created = time.time()
-
-    def observe(self, ns: int) -> None:
-        self.counts[bisect_left(_BOUNDS_NS, ns)] += 1  # le: bound >= the duration
-        self.total_ns += ns
 
 
 class RuleMetrics:
@@ -71,6 +68,16 @@ class RuleMetrics:
         self.misses = Count()
         self.keys_blocked = Count()
         self.duration = Timing()
+
+    def forwarded(self, outcome: str, upstream_ns: int | None) -> None:
+        """A request that went upstream: its outcome, and the upstream's time to answer
+        (None: it did not). One call where an inc() and an observe() were two, on every
+        forwarded request (~500 instructions a call)."""
+        self.outcomes[outcome].value += 1
+        if upstream_ns is not None:
+            duration = self.duration
+            duration.counts[bisect_left(_BOUNDS_NS, upstream_ns)] += 1  # le: bound >= it
+            duration.total_ns += upstream_ns
 
 
 class _PerRule(Collector):

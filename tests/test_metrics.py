@@ -122,8 +122,11 @@ def test_per_rule_series_expose_as_prometheus_clients_own_would() -> None:
         duration.labels(rule)
     m = ours.rule("task-status")
     for seconds in (0.0005, 0.001, 0.0011, 0.3, 1, 29.9, 30, 31):  # on, under and over bounds
-        m.duration.observe(round(seconds * 1e9))  # ours takes nanoseconds
+        m.forwarded("forwarded", round(seconds * 1e9))  # ours takes nanoseconds
+        requests.labels("task-status", "forwarded").inc()
         duration.labels("task-status").observe(seconds)
+    m.forwarded("upstream_error", None)  # no answer: counted, no duration
+    requests.labels("task-status", "upstream_error").inc()
     for outcome, times in (("forwarded", 3), ("blocked", 2), ("would_block", 1)):
         for _ in range(times):
             m.outcomes[outcome].inc()
