@@ -51,7 +51,7 @@ class ProxyHandler:
         self._matcher = Matcher(rules.rules)
         self.rules = rules
 
-    async def __call__(self, request: ProxyRequest) -> web.StreamResponse:
+    async def handle(self, request: ProxyRequest) -> web.StreamResponse:
         hit = self._matcher.match(request.method, request.raw_path)
         if hit is None:  # no rule: forwarded and counted as "none", inline (no coroutine more)
             response, status, ns = await self.forwarder.forward(request)
@@ -202,7 +202,8 @@ class Pollguard:
         await self.forwarder.start()
         self._sink = open_sink(self.settings.access_log)
         server = ProxyServer(
-            self.handler,  # type: ignore[arg-type]  # its requests come from the factory below
+            # A bound method: calling an object's __call__ costs ~700 instructions more.
+            self.handler.handle,  # type: ignore[arg-type]  # its requests come from the factory below
             request_factory=ProxyRequest.factory(asyncio.get_running_loop()),
             handler_cancellation=True,  # a client that hangs up stops its upstream request too
             keepalive_timeout=self.settings.client_timeout,
