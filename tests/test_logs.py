@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import re
+import time
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -115,11 +117,16 @@ def test_durations_read_the_same_from_the_table_and_past_it(
 
     request = SimpleNamespace(remote="192.0.2.1", method="GET", raw_path="/x/t-1",
                               decision=("r", "t-1", "forwarded", upstream_ns))  # fmt: skip
+    before = time.time()
     for size in (150, 1000, 123456):
         response = Relayed(404, "Not Found", b"", True, b"")
         response.body_length = size
         access_logger(Sink())(logging.getLogger("test"), "").log_ns(request, response, ns)  # type: ignore[arg-type]
+    after = time.time()
     assert [json.loads(line)["bytes"] for line in lines] == [150, 1000, 123456]
+    for line in lines:  # the time, as _timestamp() gives it, to the millisecond
+        logged = datetime.fromisoformat(json.loads(line)["time"]).timestamp()
+        assert int(before * 1000) / 1000 <= logged <= after
     for line in lines:
         assert '"status":404,' in line
         assert f'"ms":{ms},' in line
