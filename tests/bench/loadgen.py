@@ -3,6 +3,11 @@
 Each connection sends its requests on a fixed schedule; latency is measured from the
 scheduled send time, so a stalled server is charged for the requests it delayed
 (no coordinated omission). Loopback only.
+
+Times are read with perf_counter(): uvloop's loop.time() is whole milliseconds, read
+once per loop iteration. (Until "bench: the load generator times with perf_counter()"
+it timed with loop.time(), so every latency it printed was whole milliseconds plus the
+schedule's offsets (at 500 requests/s: a p50 of 0.00 ms, a p99 of 6.00 ms).)
 """
 
 from __future__ import annotations
@@ -29,19 +34,20 @@ async def _connection(
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
-    loop = asyncio.get_running_loop()
     due = start
     try:
         while due < end:
-            delay = due - loop.time()
+            delay = due - time.perf_counter()
             if delay > 0:
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay)  # a timer of whole milliseconds: ~1 ms either way
+            sent = time.perf_counter()
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             length = _LENGTH.search(head)
             if length:
                 await reader.readexactly(int(length.group(1)))
-            out.append(loop.time() - due)
+            # From when it was due, or from when it went if the timer fired early.
+            out.append(time.perf_counter() - min(sent, due))
             due += interval
     finally:
         writer.close()
@@ -51,9 +57,8 @@ async def measure(
     port: int, path: str, rate: float, seconds: float, connections: int = 16
 ) -> Latency:
     """Send `rate` requests/s for `seconds` over `connections`; latency percentiles."""
-    loop = asyncio.get_running_loop()
     interval = connections / rate
-    start = loop.time() + 0.1
+    start = time.perf_counter() + 0.1
     samples: list[float] = []
     await asyncio.gather(
         *(
