@@ -291,20 +291,24 @@ class Bench:
     def latency(self, pollguard_port: int) -> None:
         """p99 at half of pollguard's max rate: pollguard vs direct at that same rate.
 
+        The load generator runs on CPU 0 with the upstream, as wrk does; the proxy has
+        CPU 1 to itself. Both legs send to the same upstream from the same CPU, so what
+        differs between them is the proxy's hop alone. (Until "bench_proxy: the load
+        generator pinned...", the generator floated and the direct leg went to a second
+        upstream on CPU 1: the proxied leg then shared two CPUs among three processes
+        and the direct one among two, and the difference counted that contention too.)
+
         The runs alternate, pollguard then direct, and the median of the differences is
         kept: one pair on this kind of machine moves by more than the 1 ms target.
         nginx, when installed (and peers not skipped), runs a third leg as the control:
-        a proxy of ~30 us a request on the same CPUs, so what it adds at the same rate
-        is what this machine's scheduling adds to any proxy here.
+        a proxy of ~30 us a request on the same CPU, so what it adds at the same rate is
+        what this machine's scheduling adds to any proxy here.
         """
         rate = self.rows["pg-memory"].rps / 2
         seconds = self.args.latency_seconds
-        port = free_port()
-        argv = [sys.executable, str(HERE / "upstream.py"), str(port), "--raw"]
         added = self.added
         log = self.tmp / "access-memory.log"
         with ExitStack() as stack:
-            stack.enter_context(process(pinned(1, argv), port))
             nginx_port = None
             if shutil.which("nginx") and not self.args.no_peers:
                 nginx_port = free_port()
@@ -315,15 +319,15 @@ class Bench:
                 stack.enter_context(process(pinned(1, nginx), nginx_port))
             for _ in range(self.args.latency_runs):
                 offset = log.stat().st_size
-                proxied = loadgen.run(pollguard_port, LIVE, rate, seconds)
-                direct = loadgen.run(port, LIVE, rate, seconds)  # meanwhile the log is flushed
+                proxied = loadgen.run(pollguard_port, LIVE, rate, seconds, cpu=0)
+                direct = loadgen.run(self.up_port, LIVE, rate, seconds, cpu=0)  # log flushed
                 added.append(proxied.p99_ms - direct.p99_ms)
                 print(f"  open loop at {rate:,.0f} rps (half of max): pollguard p50 {proxied.p50_ms:.2f} ms"
                       f" p99 {proxied.p99_ms:.2f} ms; direct p50 {direct.p50_ms:.2f} ms"
                       f" p99 {direct.p99_ms:.2f} ms: {added[-1]:.2f} ms added", flush=True)  # fmt: skip
                 print(f"    {in_handler(log, offset)}", flush=True)
                 if nginx_port is not None:
-                    control = loadgen.run(nginx_port, LIVE, rate, seconds)
+                    control = loadgen.run(nginx_port, LIVE, rate, seconds, cpu=0)
                     self.nginx_added.append(control.p99_ms - direct.p99_ms)
                     print(f"    control, nginx at the same rate: p50 {control.p50_ms:.2f} ms"
                           f" p99 {control.p99_ms:.2f} ms: {self.nginx_added[-1]:.2f} ms added",
