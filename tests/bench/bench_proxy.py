@@ -286,9 +286,9 @@ class Bench:
             name = f"pollguard blocked path, {state} state"
             self.rows[f"pg-blocked-{state}"] = measure(name, proc.pid, port, LOST, self.args)
             if state == "memory":
-                self.latency(port)
+                self.latency(port, proc.pid)
 
-    def latency(self, pollguard_port: int) -> None:
+    def latency(self, pollguard_port: int, pollguard_pid: int) -> None:
         """p99 at half of pollguard's max rate: pollguard vs direct at that same rate.
 
         The load generator runs on CPU 0 with the upstream, as wrk does; the proxy has
@@ -303,6 +303,10 @@ class Bench:
         nginx, when installed (and peers not skipped), runs a third leg as the control:
         a proxy of ~30 us a request on the same CPU, so what it adds at the same rate is
         what this machine's scheduling adds to any proxy here.
+
+        Last, one more trio at a tenth of the max rate, outside the median: what the hop
+        costs with little queueing. Each pollguard leg also prints pollguard's CPU time
+        per request at its rate.
         """
         rate = self.rows["pg-memory"].rps / 2
         seconds = self.args.latency_seconds
@@ -317,20 +321,31 @@ class Bench:
                 nginx = ["nginx", "-c", str(conf), "-p", str(self.tmp), "-e",
                          str(self.tmp / "nginx-latency.err")]  # fmt: skip
                 stack.enter_context(process(pinned(1, nginx), nginx_port))
-            for _ in range(self.args.latency_runs):
+            pids = process_tree(pollguard_pid)
+            for run in range(self.args.latency_runs + 1):
+                at, load = (rate, "half of max") if run < self.args.latency_runs else (
+                    rate / 5, "a tenth of max")  # fmt: skip
                 offset = log.stat().st_size
-                proxied = loadgen.run(pollguard_port, LIVE, rate, seconds, cpu=0)
-                direct = loadgen.run(self.up_port, LIVE, rate, seconds, cpu=0)  # log flushed
-                added.append(proxied.p99_ms - direct.p99_ms)
-                print(f"  open loop at {rate:,.0f} rps (half of max): pollguard p50 {proxied.p50_ms:.2f} ms"
+                before = cpu_seconds(pids)
+                proxied = loadgen.run(pollguard_port, LIVE, at, seconds, cpu=0)
+                cpu_us = (cpu_seconds(pids) - before) / proxied.sent * 1e6
+                direct = loadgen.run(self.up_port, LIVE, at, seconds, cpu=0)  # log flushed
+                print(f"  open loop at {at:,.0f} rps ({load}): pollguard p50 {proxied.p50_ms:.2f} ms"
                       f" p99 {proxied.p99_ms:.2f} ms; direct p50 {direct.p50_ms:.2f} ms"
-                      f" p99 {direct.p99_ms:.2f} ms: {added[-1]:.2f} ms added", flush=True)  # fmt: skip
-                print(f"    {in_handler(log, offset)}", flush=True)
+                      f" p99 {direct.p99_ms:.2f} ms: {proxied.p50_ms - direct.p50_ms:.2f} ms"
+                      f" added at p50, {proxied.p99_ms - direct.p99_ms:.2f} ms at p99", flush=True)  # fmt: skip
+                print(f"    pollguard's CPU: {cpu_us:.0f} us a request; {in_handler(log, offset)}",
+                      flush=True)  # fmt: skip
+                half = at == rate  # the low-load pair is not part of the target's median
+                if half:
+                    added.append(proxied.p99_ms - direct.p99_ms)
                 if nginx_port is not None:
-                    control = loadgen.run(nginx_port, LIVE, rate, seconds, cpu=0)
-                    self.nginx_added.append(control.p99_ms - direct.p99_ms)
+                    control = loadgen.run(nginx_port, LIVE, at, seconds, cpu=0)
+                    if half:
+                        self.nginx_added.append(control.p99_ms - direct.p99_ms)
                     print(f"    control, nginx at the same rate: p50 {control.p50_ms:.2f} ms"
-                          f" p99 {control.p99_ms:.2f} ms: {self.nginx_added[-1]:.2f} ms added",
+                          f" p99 {control.p99_ms:.2f} ms: {control.p50_ms - direct.p50_ms:.2f} ms"
+                          f" added at p50, {control.p99_ms - direct.p99_ms:.2f} ms at p99",
                           flush=True)  # fmt: skip
 
     def blocked_reference(self) -> None:
