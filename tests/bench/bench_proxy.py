@@ -181,6 +181,12 @@ def in_handler(log: Path, offset: int) -> str:
             f" {pct(own, 0.5):.2f} ms p99 {pct(own, 0.99):.2f} ms")  # fmt: skip
 
 
+def added_over(leg: loadgen.Latency, direct: loadgen.Latency) -> str:
+    """What a proxied leg adds to the direct one, at p50 and at p99."""
+    return (f"{leg.p50_ms - direct.p50_ms:.2f} ms added at p50,"
+            f" {leg.p99_ms - direct.p99_ms:.2f} ms at p99")  # fmt: skip
+
+
 def get(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
@@ -332,8 +338,7 @@ class Bench:
                 direct = loadgen.run(self.up_port, LIVE, at, seconds, cpu=0)  # log flushed
                 print(f"  open loop at {at:,.0f} rps ({load}): pollguard p50 {proxied.p50_ms:.2f} ms"
                       f" p99 {proxied.p99_ms:.2f} ms; direct p50 {direct.p50_ms:.2f} ms"
-                      f" p99 {direct.p99_ms:.2f} ms: {proxied.p50_ms - direct.p50_ms:.2f} ms"
-                      f" added at p50, {proxied.p99_ms - direct.p99_ms:.2f} ms at p99", flush=True)  # fmt: skip
+                      f" p99 {direct.p99_ms:.2f} ms: {added_over(proxied, direct)}", flush=True)  # fmt: skip
                 print(f"    pollguard's CPU: {cpu_us:.0f} us a request; {in_handler(log, offset)}",
                       flush=True)  # fmt: skip
                 half = at == rate  # the low-load pair is not part of the target's median
@@ -344,8 +349,7 @@ class Bench:
                     if half:
                         self.nginx_added.append(control.p99_ms - direct.p99_ms)
                     print(f"    control, nginx at the same rate: p50 {control.p50_ms:.2f} ms"
-                          f" p99 {control.p99_ms:.2f} ms: {control.p50_ms - direct.p50_ms:.2f} ms"
-                          f" added at p50, {control.p99_ms - direct.p99_ms:.2f} ms at p99",
+                          f" p99 {control.p99_ms:.2f} ms: {added_over(control, direct)}",
                           flush=True)  # fmt: skip
 
     def blocked_reference(self) -> None:
