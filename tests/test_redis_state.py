@@ -167,7 +167,8 @@ async def test_unreachable_redis_fails_fast_and_opens_the_circuit(make_state: Ma
         await state.record(RULE, "t", 404)  # not even tried: the circuit is open
     with pytest.raises(StateError):
         await state.ping()
-    assert time.perf_counter() - started < 0.2
+    # Refused at once, not after a connect timeout (1 s); loose, for a loaded machine.
+    assert time.perf_counter() - started < 0.5
 
 
 async def test_a_paused_redis_costs_one_timeout_then_recovers_by_itself(
@@ -180,12 +181,13 @@ async def test_a_paused_redis_costs_one_timeout_then_recovers_by_itself(
     started = time.perf_counter()
     with pytest.raises(StateError, match="no answer within 50 ms"):
         await state.record(RULE, "t", 404)
-    assert time.perf_counter() - started < 0.15
-    started = time.perf_counter()
+    assert time.perf_counter() - started < 0.4  # the deadline, not the 600 ms pause
+    refused = []
     for _ in range(100):
-        with pytest.raises(StateError):
+        with pytest.raises(StateError) as caught:
             await state.admit(RULE, "t")
-    assert time.perf_counter() - started < 0.05  # the circuit answers, Redis is not asked
+        refused.append("next try in" in str(caught.value))  # the circuit: Redis not asked
+    assert sum(refused) >= 98  # a stall past the 0.25 s back-off lets one trial through
 
     deadline = time.monotonic() + 5
     while True:
