@@ -201,6 +201,7 @@ class Pollguard:
         await self.state.retain(self.rules.rules)
         await self.forwarder.start()
         self._sink = open_sink(self.settings.access_log)
+        self.metrics.start_folding()
         server = ProxyServer(
             # A bound method: calling an object's __call__ costs ~700 instructions more.
             self.handler.handle,  # type: ignore[arg-type]  # its requests come from the factory below
@@ -248,6 +249,7 @@ class Pollguard:
         if self._sink is not None:
             self._sink.close()
             self._sink = None
+        self.metrics.stop_folding()
 
     async def serve_forever(self, stop: asyncio.Event) -> None:
         await self.start()

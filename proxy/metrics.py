@@ -6,12 +6,20 @@ Counter and Histogram take a lock and check their state on each inc() and observ
 ~14k instructions for the two a request costs (valgrind), for a thread safety the event
 loop does not need. Their exposition is prometheus_client's, unchanged: same names,
 HELP, TYPE, buckets and `_created` series (tests/test_metrics.py compares the two).
+
+A request's upstream duration is only appended to a list; its bucket and the sum are
+counted a batch at a time (Timing.fold): at each scrape, and every FOLD_EVERY seconds
+once Metrics.start_folding() has run, so the list stays short. Per request, the
+bisect for the bucket, its increment and the sum's addition were ~1.7k instructions
+(valgrind); the append is ~0.3k, and a fold ~0.5k a duration in a batch of 700
+(~0.9k in a batch of 40): a sort, one bisect per bucket bound and a sum, all in C.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from bisect import bisect_left
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from itertools import accumulate
 
@@ -31,6 +39,7 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 # The `le` labels as prometheus_client writes them (its floatToGoString: "0.001", "1.0").
 _LE = (*(repr(float(b)) for b in DURATION_BUCKETS), "+Inf")
 _BOUNDS_NS = tuple(round(b * 1e9) for b in DURATION_BUCKETS)  # durations come in nanoseconds
+FOLD_EVERY = 1.0  # seconds between folds of the durations observed meanwhile (~36 B each)
 
 
 class Count:
@@ -50,12 +59,29 @@ class Timing:
     """One histogram series of seconds, over DURATION_BUCKETS, fed in nanoseconds
     (RuleMetrics.forwarded)."""
 
-    __slots__ = ("counts", "created", "total_ns")
+    __slots__ = ("counts", "created", "pending", "total_ns")
 
     def __init__(self) -> None:
         self.counts = [0] * len(_LE)  # per bucket, not cumulative; the last is +Inf
         self.total_ns = 0  # exact: an int does not round as a float sum would
+        self.pending: list[int] = []  # observed, not yet in counts and total_ns
         self.created = time.time()
+
+    def fold(self) -> None:
+        """Count the pending durations into the buckets and the sum."""
+        pending = self.pending
+        if not pending:
+            return
+        ordered = sorted(pending)
+        pending.clear()
+        counts = self.counts
+        below = 0
+        for i, bound in enumerate(_BOUNDS_NS):
+            upto = bisect_right(ordered, bound)  # le: every duration <= the bound
+            counts[i] += upto - below
+            below = upto
+        counts[-1] += len(ordered) - below
+        self.total_ns += sum(ordered)
 
 
 class RuleMetrics:
@@ -71,13 +97,10 @@ class RuleMetrics:
 
     def forwarded(self, outcome: str, upstream_ns: int | None) -> None:
         """A request that went upstream: its outcome, and the upstream's time to answer
-        (None: it did not). One call where an inc() and an observe() were two, on every
-        forwarded request (~500 instructions a call)."""
+        (None: it did not), counted when the durations are folded (Timing.fold)."""
         self.outcomes[outcome].value += 1
         if upstream_ns is not None:
-            duration = self.duration
-            duration.counts[bisect_left(_BOUNDS_NS, upstream_ns)] += 1  # le: bound >= it
-            duration.total_ns += upstream_ns
+            self.duration.pending.append(upstream_ns)
 
 
 class _PerRule(Collector):
@@ -111,6 +134,7 @@ class _PerRule(Collector):
             misses.add_metric([name], m.misses.value, created=m.misses.created)
             blocked.add_metric([name], m.keys_blocked.value, created=m.keys_blocked.created)
             timing = m.duration
+            timing.fold()
             buckets = list(zip(_LE, accumulate(timing.counts), strict=True))
             duration.add_metric([name], buckets, timing.total_ns / 1e9)
             duration.samples.append(
@@ -170,6 +194,29 @@ class Metrics:
         registry.register(_PerRule(self._series))
         self._rules: dict[str, RuleMetrics] = {}
         self.use_rules([])
+        self._folding: asyncio.TimerHandle | None = None
+
+    def start_folding(self, every: float = FOLD_EVERY) -> None:
+        """Fold the observed durations every `every` seconds on the running loop (a
+        scrape folds them too): without it, they wait in memory for the next scrape."""
+
+        def fold() -> None:
+            self.fold()
+            self._folding = loop.call_later(every, fold)
+
+        loop = asyncio.get_running_loop()
+        self.stop_folding()
+        self._folding = loop.call_later(every, fold)
+
+    def stop_folding(self) -> None:
+        if self._folding is not None:
+            self._folding.cancel()
+            self._folding = None
+        self.fold()
+
+    def fold(self) -> None:
+        for series in self._series.values():
+            series.duration.fold()
 
     def use_rules(self, names: Iterable[str]) -> None:
         """Create every child of these rules (and of "none") so increase() sees the first event."""

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+from bisect import bisect_left
+
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import DURATION_BUCKETS, Metrics
+from proxy.metrics import DURATION_BUCKETS, Metrics, RuleMetrics
 from tests.conftest import StartPollguard
 from tests.support import Upstream, rule_toml, ruleset
 
@@ -156,3 +160,69 @@ def test_per_rule_series_expose_as_prometheus_clients_own_would() -> None:
         )
         == 1
     )
+
+
+def test_durations_folded_batch_by_batch_count_as_each_one_alone() -> None:
+    """Timing.fold() sorts a batch and cuts it at the bounds; the buckets and the sum must
+    come out as one bisect per duration gives them, however the durations are batched."""
+    bounds = [round(b * 1e9) for b in DURATION_BUCKETS]
+    rng = random.Random(7)
+    durations = [*bounds, *(b + 1 for b in bounds), 0, 1, 10**13]  # on, past, extremes
+    durations += [rng.randrange(0, 40 * 10**9) for _ in range(500)]
+    rng.shuffle(durations)
+    expected = [0] * (len(bounds) + 1)
+    for ns in durations:
+        expected[bisect_left(bounds, ns)] += 1  # le: the first bound the duration is under
+
+    m = RuleMetrics()
+    for i, ns in enumerate(durations):
+        m.forwarded("forwarded", ns)
+        if i % 7 == 0:
+            m.duration.fold()
+    m.duration.fold()
+    assert m.duration.pending == []
+    assert m.duration.counts == expected
+    assert m.duration.total_ns == sum(durations)
+    assert m.outcomes["forwarded"].value == len(durations)
+
+
+async def test_durations_are_folded_on_a_timer_without_a_scrape() -> None:
+    """The list of durations stays short between scrapes; stop_folding() folds the rest."""
+    metrics = Metrics(CollectorRegistry())
+    timing = metrics.rule("none").duration
+
+    async def folded() -> bool:
+        for _ in range(200):
+            if not timing.pending:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    metrics.start_folding(every=0.02)
+    try:
+        for round_, ns in enumerate((300_000, 2_000_000), start=1):  # the timer re-arms
+            metrics.rule("none").forwarded("forwarded", ns)
+            assert timing.pending == [ns]
+            assert await folded()
+            assert sum(timing.counts) == round_
+    finally:
+        metrics.stop_folding()
+    metrics.rule("none").forwarded("forwarded", 5)
+    await asyncio.sleep(0.1)
+    assert timing.pending == [5]  # no timer after stop_folding()
+    metrics.stop_folding()
+    assert timing.pending == [] and timing.counts[0] == 2
+
+
+async def test_a_served_pollguard_folds_durations_between_scrapes(
+    start_pollguard: StartPollguard, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard()
+    async with http.get(pg.url("/other/thing")) as resp:
+        assert resp.status == 404  # the upstream's answer, forwarded: an upstream duration
+    timing = pg.pg.metrics.rule("none").duration
+    for _ in range(300):  # FOLD_EVERY is 1 s
+        if sum(timing.counts) == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert sum(timing.counts) == 1 and timing.pending == []
