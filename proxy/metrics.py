@@ -209,12 +209,14 @@ class Metrics:
         self._folding = loop.call_later(every, fold)
 
     def stop_folding(self) -> None:
+        """Stop the timer, and fold what it has not (Pollguard.stop())."""
         if self._folding is not None:
             self._folding.cancel()
             self._folding = None
         self.fold()
 
     def fold(self) -> None:
+        """Fold every series' pending durations, the retired rules' too."""
         for series in self._series.values():
             series.duration.fold()
 
