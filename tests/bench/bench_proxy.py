@@ -188,6 +188,14 @@ def added_over(leg: loadgen.Latency, direct: loadgen.Latency) -> str:
             f" {leg.p99_ms - direct.p99_ms:.2f} ms at p99")  # fmt: skip
 
 
+def over_forwarder(rows: dict[str, Row], key: str) -> tuple[float, float] | None:
+    """What a pollguard row costs beyond the Forwarder alone: us a request, and its share."""
+    if key not in rows or "forwarder" not in rows:
+        return None
+    extra = rows[key].cpu_us - rows["forwarder"].cpu_us
+    return extra, extra / rows[key].cpu_us
+
+
 def get(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
@@ -404,11 +412,7 @@ def report_rounds(rounds: list[dict[str, Row]]) -> None:
                         ("blocked path vs bare aiohttp handler", "pg-blocked-memory", "canned")):  # fmt: skip
         per_round = [f"{r[a].rps / r[b].rps:.2f}x" for r in rounds if a in r and b in r]
         print(f"  {label}, round by round (rps): {' '.join(per_round)}")
-    shares = [
-        f"{(r['pg-unmatched'].cpu_us - r['forwarder'].cpu_us) / r['pg-unmatched'].cpu_us:.0%}"
-        for r in rounds
-        if "pg-unmatched" in r and "forwarder" in r
-    ]
+    shares = [f"{cost[1]:.0%}" for r in rounds if (cost := over_forwarder(r, "pg-unmatched"))]
     print(f"  matching+metrics+log cost, round by round (CPU/req): {' '.join(shares)}")
 
 
@@ -418,19 +422,17 @@ def report(rows: dict[str, Row], added_p99_ms: float, nginx_added_ms: float) -> 
             return "n/a"
         return f"{rows[a].rps / rows[b].rps:.2f}x rps ({rows[a].cpu_us:.0f} vs {rows[b].cpu_us:.0f} us CPU/req)"
 
-    def over_forwarder(key: str) -> str:
-        if key not in rows or "forwarder" not in rows:
-            return "n/a"
-        extra = rows[key].cpu_us - rows["forwarder"].cpu_us
-        return f"{extra:.0f} us/req = {extra / rows[key].cpu_us:.0%} of pass-through"
+    def overhead(key: str) -> str:
+        cost = over_forwarder(rows, key)
+        return "n/a" if cost is None else f"{cost[0]:.0f} us/req = {cost[1]:.0%} of pass-through"
 
     print("\nratios (targets from the performance issue)")
     print(
         f"  pass-through vs minimal aiohttp proxy   {ratio('pg-memory', 'minimal')}  target >= 2x"
     )
     print(f"  pass-through vs direct (aiohttp)        {ratio('pg-memory', 'direct')}")
-    print(f"  rules+state+metrics+log overhead        {over_forwarder('pg-memory')}")
-    print(f"  matching+metrics+log (no state) cost    {over_forwarder('pg-unmatched')}"
+    print(f"  rules+state+metrics+log overhead        {overhead('pg-memory')}")
+    print(f"  matching+metrics+log (no state) cost    {overhead('pg-unmatched')}"
           "  target <= 10%")  # fmt: skip
     print(
         f"  blocked path vs bare aiohttp handler    {ratio('pg-blocked-memory', 'canned')}  target >= 1.0x"
