@@ -123,13 +123,19 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def cpu_times(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of every thread of `pids`, so far."""
+    user = system = 0
     for pid in pids:
         for task in Path(f"/proc/{pid}/task").iterdir():
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLK_TCK
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_times(pids))
 
 
 def wrk(port: int, path: str, seconds: float, connections: int) -> tuple[float, int, float]:
