@@ -138,6 +138,27 @@ def cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_times(pids))
 
 
+def stolen() -> dict[str, float]:
+    """Per CPU ("cpu0", "cpu1", ...), the seconds its hypervisor has run something else
+    while this guest had work for it (steal time, /proc/stat), so far: on a shared VM
+    the stalls that no process here causes."""
+    out = {}
+    with open("/proc/stat") as stat:
+        for line in stat:
+            fields = line.split()
+            if fields[0].startswith("cpu") and fields[0] != "cpu":
+                out[fields[0]] = int(fields[8]) / CLK_TCK
+    return out
+
+
+def stolen_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {cpu: (after[cpu] - before[cpu]) * 1000 for cpu in after}
+
+
+def steal_text(ms: dict[str, float]) -> str:
+    return ", ".join(f"{cpu} {value:.0f} ms" for cpu, value in sorted(ms.items()))
+
+
 def wrk(port: int, path: str, seconds: float, connections: int) -> tuple[float, int, float]:
     """(requests/s, requests, p99 ms) from wrk at full load."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
@@ -265,6 +286,7 @@ class Bench:
         self.rows: dict[str, Row] = {}  # this round's
         self.rounds: list[dict[str, Row]] = []  # every round's rows, this one's last
         self.added: list[float] = []  # p99 added, every pair of every round
+        self.stolen_ms: list[float] = []  # per pair: CPU its two legs lost to the host, ms
         self.nginx_added: list[float] = []  # the same for nginx, the control
         self.rules = tmp / "rules.toml"
         self.rules.write_text(BENCH_RULES)
@@ -331,6 +353,11 @@ class Bench:
         Last, one more trio at a tenth of the max rate, outside the median: what the hop
         costs with little queueing. Each pollguard leg also prints pollguard's CPU time
         per request at its rate.
+
+        Each pair also prints the CPU time the hypervisor took from each CPU during each
+        leg (steal, /proc/stat, in 10 ms ticks): a stolen tick on the proxy's CPU stalls
+        every request in flight for its length, which no process here causes. The report
+        gives the median of the pairs with none beside the median of all.
         """
         rate = self.rows["pg-memory"].rps / 2
         seconds = self.args.latency_seconds
@@ -350,18 +377,24 @@ class Bench:
                 at, load = (rate, "half of max") if run < self.args.latency_runs else (
                     rate / 5, "a tenth of max")  # fmt: skip
                 offset = log.stat().st_size
-                before = cpu_seconds(pids)
+                before, steal = cpu_seconds(pids), stolen()
                 proxied = loadgen.run(pollguard_port, LIVE, at, seconds, cpu=0)
                 cpu_us = (cpu_seconds(pids) - before) / proxied.sent * 1e6
+                steal_between = stolen()
                 direct = loadgen.run(self.up_port, LIVE, at, seconds, cpu=0)  # log flushed
+                proxied_steal = stolen_ms(steal, steal_between)
+                direct_steal = stolen_ms(steal_between, stolen())
                 print(f"  open loop at {at:,.0f} rps ({load}): pollguard p50 {proxied.p50_ms:.2f} ms"
                       f" p99 {proxied.p99_ms:.2f} ms; direct p50 {direct.p50_ms:.2f} ms"
                       f" p99 {direct.p99_ms:.2f} ms: {added_over(proxied, direct)}", flush=True)  # fmt: skip
                 print(f"    pollguard's CPU: {cpu_us:.0f} us a request; {in_handler(log, offset)}",
                       flush=True)  # fmt: skip
+                print(f"    CPU the host took (steal): pollguard's leg {steal_text(proxied_steal)};"
+                      f" direct leg {steal_text(direct_steal)}", flush=True)  # fmt: skip
                 half = at == rate  # the low-load pair is not part of the target's median
                 if half:
                     added.append(proxied.p99_ms - direct.p99_ms)
+                    self.stolen_ms.append(sum(proxied_steal.values()) + sum(direct_steal.values()))
                 if nginx_port is not None:
                     control = loadgen.run(nginx_port, LIVE, at, seconds, cpu=0)
                     if half:
@@ -422,7 +455,9 @@ def report_rounds(rounds: list[dict[str, Row]]) -> None:
     print(f"  matching+metrics+log cost, round by round (CPU/req): {' '.join(shares)}")
 
 
-def report(rows: dict[str, Row], added_p99_ms: float, nginx_added_ms: float) -> None:
+def report(
+    rows: dict[str, Row], added_p99_ms: float, nginx_added_ms: float, unstolen: list[float]
+) -> None:
     def ratio(a: str, b: str) -> str:
         if a not in rows or b not in rows:
             return "n/a"
@@ -446,6 +481,11 @@ def report(rows: dict[str, Row], added_p99_ms: float, nginx_added_ms: float) -> 
     print(f"  p99 added at half load (median)         {added_p99_ms:.2f} ms  target < 1 ms")
     if nginx_added_ms == nginx_added_ms:  # not NaN: the control ran
         print(f"    nginx at the same rate (the control)  {nginx_added_ms:.2f} ms")
+    if unstolen:
+        print(f"    the {len(unstolen)} pair(s) the host took no CPU from (steal 0):"
+              f" median {statistics.median(unstolen):.2f} ms")  # fmt: skip
+    else:
+        print("    no pair ran without CPU taken by the host (steal)")
     if "pg-redis" in rows:
         print(
             f"  pass-through, redis vs memory           {ratio('pg-redis', 'pg-memory')}  target >= 0.8x"
@@ -502,7 +542,8 @@ def main() -> None:
         report_rounds(bench.rounds)
     added = statistics.median(bench.added) if bench.added else float("nan")
     control = statistics.median(bench.nginx_added) if bench.nginx_added else float("nan")
-    report(medians(bench.rounds), added, control)
+    unstolen = [a for a, ms in zip(bench.added, bench.stolen_ms, strict=True) if ms == 0]
+    report(medians(bench.rounds), added, control, unstolen)
 
 
 if __name__ == "__main__":
