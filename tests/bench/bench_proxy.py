@@ -75,6 +75,17 @@ def pinned(cpu: int, argv: list[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *argv]
 
 
+# What pinned() and process_tree() run, and the Debian package of each.
+PINNING_TOOLS = (("taskset", "util-linux"), ("pgrep", "procps"))
+
+
+def require(*tools: tuple[str, str]) -> None:
+    """Exit with the apt-get line for the first (tool, Debian package) not on PATH."""
+    for tool, package in tools:
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} not found: apt-get install -y {package}")
+
+
 def wait_port(port: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -484,7 +495,7 @@ def report(
     if unstolen:
         print(f"    the {len(unstolen)} pair(s) the host took no CPU from (steal 0):"
               f" median {statistics.median(unstolen):.2f} ms")  # fmt: skip
-    else:
+    elif added_p99_ms == added_p99_ms:  # pairs ran, each with some CPU taken
         print("    no pair ran without CPU taken by the host (steal)")
     if "pg-redis" in rows:
         print(
@@ -513,9 +524,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds: at least 1")
-    for tool, package in (("wrk", "wrk"), ("taskset", "util-linux"), ("pgrep", "procps")):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} not found: apt-get install -y {package}")
+    require(("wrk", "wrk"), *PINNING_TOOLS)
     print(
         f"wrk -t1 -c{args.connections} -d{args.seconds}s; front on CPU 1, upstream and wrk on CPU 0"
     )

@@ -32,6 +32,7 @@ from bench_proxy import (
     HERE,
     LIVE,
     LOST,
+    PINNING_TOOLS,
     REPO,
     cpu_times,
     free_port,
@@ -39,6 +40,7 @@ from bench_proxy import (
     pinned,
     process,
     process_tree,
+    require,
 )
 
 # A front: (name, path to ask for, argv with "{port}" for its port).
@@ -102,6 +104,7 @@ def main() -> None:
         parser.error(f"--rates: whole numbers separated by commas, got {args.rates!r}")
     if not rates or min(rates) <= 0:
         parser.error("--rates: at least one rate, each above 0")
+    require(*PINNING_TOOLS)
     print(f"open loop, {args.seconds:g} s a rate; front on CPU 1, upstream and load on CPU 0;"
           " CPU time per request from /proc")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="pollguard-rates-") as tmp_name:
