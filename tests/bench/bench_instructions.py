@@ -25,10 +25,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_proxy import BENCH_RULES, HERE, LIVE, LOST, REPO, free_port, process, redis_server
+from bench_proxy import (
+    BENCH_RULES,
+    HERE,
+    LIVE,
+    LOST,
+    REPO,
+    UNMATCHED,
+    free_port,
+    process,
+    redis_server,
+)
 
 BASE = 10
-UNMATCHED = "/other/live-1"  # the same 200 from the upstream, but no rule: no state store
 NEW = "/test/status/live-{i}"  # every request a task pollguard has not seen: no local view
 
 

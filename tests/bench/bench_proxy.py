@@ -125,6 +125,19 @@ def process(
                 proc.wait()
 
 
+@contextmanager
+def front_process(
+    argv: list[str], env: dict[str, str] | None = None, conf: Path | None = None
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A front pinned to CPU 1 on a free port, which goes where argv says "{port}" and,
+    for nginx and HAProxy, into their config file `conf`."""
+    port = free_port()
+    if conf is not None:
+        conf.write_text(conf.read_text().replace("{port}", str(port)))
+    with process(pinned(1, [a.replace("{port}", str(port)) for a in argv]), port, env) as proc:
+        yield port, proc
+
+
 def process_tree(pid: int) -> list[int]:
     """The pid and its descendants (taskset execs in place; nginx forks a worker)."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
@@ -305,11 +318,8 @@ class Bench:
     def front(
         self, key: str, name: str, argv: list[str], path: str, conf: Path | None = None
     ) -> None:
-        port = free_port()
-        if conf is not None:  # nginx/HAProxy: the port goes into their config file
-            conf.write_text(conf.read_text().replace("{port}", str(port)))
-        argv = [a.replace("{port}", str(port)).replace("{upstream}", self.upstream) for a in argv]
-        with process(pinned(1, argv), port, self.env) as proc:
+        argv = [a.replace("{upstream}", self.upstream) for a in argv]
+        with front_process(argv, self.env, conf) as (port, proc):
             self.rows[key] = measure(name, proc.pid, port, path, self.args)
 
     def pass_through(self) -> None:
@@ -377,12 +387,10 @@ class Bench:
         with ExitStack() as stack:
             nginx_port = None
             if shutil.which("nginx") and not self.args.no_peers:
-                nginx_port = free_port()
                 conf = nginx_conf(self.up_port, self.tmp, "nginx-latency")
-                conf.write_text(conf.read_text().replace("{port}", str(nginx_port)))
                 nginx = ["nginx", "-c", str(conf), "-p", str(self.tmp), "-e",
                          str(self.tmp / "nginx-latency.err")]  # fmt: skip
-                stack.enter_context(process(pinned(1, nginx), nginx_port))
+                nginx_port, _ = stack.enter_context(front_process(nginx, conf=conf))
             pids = process_tree(pollguard_pid)
             for run in range(self.args.latency_runs + 1):
                 at, load = (rate, "half of max") if run < self.args.latency_runs else (

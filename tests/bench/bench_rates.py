@@ -36,6 +36,7 @@ from bench_proxy import (
     REPO,
     cpu_times,
     free_port,
+    front_process,
     nginx_conf,
     pinned,
     process,
@@ -43,8 +44,9 @@ from bench_proxy import (
     require,
 )
 
-# A front: (name, path to ask for, argv with "{port}" for its port).
-Front = tuple[str, str, list[str]]
+# A front: (name, path to ask for, argv with "{port}" for its port, its config file if
+# the port goes there too).
+Front = tuple[str, str, list[str], Path | None]
 
 
 def fronts(upstream: str, up_port: int, tmp: Path, peers: bool) -> list[Front]:
@@ -55,29 +57,25 @@ def fronts(upstream: str, up_port: int, tmp: Path, peers: bool) -> list[Front]:
         ("pollguard, pass-through", LIVE,
          [python, "-m", "proxy", "serve", "--upstream", upstream, "--listen",
           "127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{free_port()}",
-          "--rules", str(rules), "--access-log", str(tmp / "access.log")]),
+          "--rules", str(rules), "--access-log", str(tmp / "access.log")], None),
         ("bare aiohttp handler, canned 410", LOST,
-         [python, str(HERE / "peers.py"), "canned-410", "{port}"]),
+         [python, str(HERE / "peers.py"), "canned-410", "{port}"], None),
         ("raw asyncio server (the upstream)", LIVE,
-         [python, str(HERE / "upstream.py"), "{port}", "--raw"]),
+         [python, str(HERE / "upstream.py"), "{port}", "--raw"], None),
         ("minimal aiohttp proxy", LIVE,
-         [python, str(HERE / "peers.py"), "minimal-proxy", "{port}", upstream]),
+         [python, str(HERE / "peers.py"), "minimal-proxy", "{port}", upstream], None),
     ]  # fmt: skip
     if peers and shutil.which("nginx"):
         conf = nginx_conf(up_port, tmp)
         out.append(("nginx proxy_pass, 1 worker", LIVE,
-                    ["nginx", "-c", str(conf), "-p", str(tmp), "-e", str(tmp / "nginx.err")]))  # fmt: skip
+                    ["nginx", "-c", str(conf), "-p", str(tmp), "-e", str(tmp / "nginx.err")], conf))  # fmt: skip
     return out
 
 
 def measure(front: Front, rates: list[int], seconds: float) -> None:
-    name, path, argv = front
-    port = free_port()
-    argv = [a.replace("{port}", str(port)) for a in argv]
-    if argv[0] == "nginx":  # its port is in its config file
-        conf = Path(argv[2])
-        conf.write_text(conf.read_text().replace("{port}", str(port)))
-    with process(pinned(1, argv), port, {**os.environ, "PYTHONPATH": str(REPO)}) as proc:
+    name, path, argv, conf = front
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with front_process(argv, env, conf) as (port, proc):
         pids = process_tree(proc.pid)
         loadgen.run(port, path, 500, 1, cpu=0)  # connections and caches warm
         for rate in rates:
