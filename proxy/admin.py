@@ -88,7 +88,9 @@ async def readyz(request: web.Request) -> web.Response:
     except (StateError, TimeoutError) as exc:
         checks["state"] = f"unavailable: {exc}" if str(exc) else "unavailable"
         ready = False
-    status = "ready" if ready else "not ready"
+    if pg.draining:  # stopping: the load balancer should send nothing new
+        ready = False
+    status = "draining" if pg.draining else "ready" if ready else "not ready"
     return web.json_response({"status": status, "checks": checks}, status=200 if ready else 503)
 
 

@@ -55,7 +55,12 @@ class ProxyHandler:
         hit = self._matcher.match(request.method, request.raw_path)
         if hit is None:  # no rule: forwarded and counted as "none", inline (no coroutine more)
             response, status, ns = await self.forwarder.forward(request)
-            outcome = "forwarded" if status is not None else "upstream_error"
+            if status is not None:
+                outcome = "forwarded"
+            elif response.status >= 500:  # 502, 504
+                outcome = "upstream_error"
+            else:
+                return self._refused(request, NO_RULE, None, response)
             self._none.forwarded(outcome, ns)
             request.decision = (NO_RULE, None, outcome, ns)
             return response
@@ -73,6 +78,8 @@ class ProxyHandler:
 
         fwd = await self.forwarder.forward(request)
         if fwd.status is None:
+            if fwd.response.status < 500:
+                return self._refused(request, rule.name, task_id, fwd.response)
             outcome = "upstream_error"
         elif action is Action.BLOCK:
             # observe mode: enforce would not have seen this answer, so neither does the state
@@ -83,6 +90,16 @@ class ProxyHandler:
         metrics.forwarded(outcome, fwd.upstream_ns)
         request.decision = (rule.name, task_id, outcome, fwd.upstream_ns)
         return fwd.response
+
+    def _refused(
+        self, request: ProxyRequest, rule: str, task_id: str | None, response: web.StreamResponse
+    ) -> web.StreamResponse:
+        """pollguard's own 4xx to a client at fault (CONNECT, a body too large or too
+        slow): the upstream did not fail, so it is counted apart from the outcomes, and
+        the key's state is left as it was."""
+        self.metrics.refusal(response.status)
+        request.decision = (rule, task_id, "refused", None)
+        return response
 
     async def _record(self, rule: Rule, task_id: str, status: int, metrics: RuleMetrics) -> None:
         # A reload while the request was upstream: the rules in force now decide, and a
@@ -154,6 +171,7 @@ class Pollguard:
         self._reload_lock = asyncio.Lock()
         self._sink: LineSink | None = None
         self._runners: list[web.BaseRunner] = []
+        self.draining = False  # stop() has begun: /readyz says so, /healthz still answers
         self.proxy_address: Address | None = None
         self.admin_address: Address | None = None
 
@@ -210,6 +228,7 @@ class Pollguard:
             keepalive_timeout=self.settings.client_timeout,
             access_log_class=access_logger(self._sink),
             access_log=logging.getLogger("pollguard.access") if self._sink else None,
+            on_malformed=self.metrics.refusal,  # aiohttp's 400s never reach the handler
             auto_decompress=False,  # bodies pass byte for byte
             logger=server_logger(),
         )
@@ -240,8 +259,14 @@ class Pollguard:
         return Address(host, port)
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (--drain-timeout), then close."""
-        for runner in reversed(self._runners):
+        """Stop accepting, let in-flight requests finish (--drain-timeout), then close.
+
+        The runners close in the order they were bound: the proxy port first, then the
+        admin port, so that /healthz, /readyz (503 "draining") and /metrics answer for as
+        long as requests are still being served, and a scrape during the drain counts them.
+        """
+        self.draining = True
+        for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
         await self.forwarder.close()

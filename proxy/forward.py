@@ -67,6 +67,10 @@ class _ProxyRequest(aiohttp.ClientRequest):
         self._skip_auto_headers = _NO_AUTO_HEADERS  # also keeps payloads from adding Content-Type
 
 
+# What a reverse proxy takes: every method but CONNECT goes to the upstream, which decides.
+NOT_CONNECT = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"
+
+
 class _ClientFault(Exception):
     """The client's body broke a limit while it was being forwarded."""
 
@@ -75,13 +79,18 @@ class _ClientFault(Exception):
         self.status = status
 
 
-def error_response(status: int, message: str, *, close: bool = False) -> web.Response:
-    """A small JSON answer of pollguard's own (502, 504, 413, 408)."""
+def error_response(
+    status: int, message: str, *, close: bool = False, allow: str | None = None
+) -> web.Response:
+    """A small JSON answer of pollguard's own (502, 504, 413, 408, 405 with its `allow`)."""
+    headers = {"X-Pollguard": "error"}
+    if allow is not None:
+        headers["Allow"] = allow  # RFC 9110 15.5.6: a 405 lists what the resource allows
     resp = web.Response(
         status=status,
         body=json.dumps({"error": message, "from": "pollguard"}).encode(),
         content_type="application/json",
-        headers={"X-Pollguard": "error"},
+        headers=headers,
     )
     if close:
         resp.force_close()
@@ -156,7 +165,8 @@ class Forwarder:
         raw = request.raw_path
         if not raw.startswith("/"):
             if request.method == "CONNECT":  # a reverse proxy opens no tunnels
-                return Forwarded(error_response(405, "CONNECT not allowed", close=True), None, None)
+                refused = error_response(405, "CONNECT not allowed", close=True, allow=NOT_CONNECT)
+                return Forwarded(refused, None, None)
             raw = request.url.raw_path_qs  # absolute-form: a client taking us for its proxy
         target = self._prefix + raw
         websocket = _is_websocket(request)

@@ -34,6 +34,9 @@ from proxy.state import Stats
 NO_RULE = "none"
 OUTCOMES = ("forwarded", "blocked", "probe", "would_block", "upstream_error")
 RELOAD_RESULTS = ("ok", "error")
+# pollguard's own answers to a client at fault: malformed (400), CONNECT (405), a body too
+# slow (408) or too large (413). The upstream did not fail them, so they are no outcome.
+REFUSED_STATUSES = ("400", "405", "408", "413")
 # Upstream latency from a fast in-memory lookup (sub-ms) up to the default 30s timeout.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The `le` labels as prometheus_client writes them (its floatToGoString: "0.001", "1.0").
@@ -161,9 +164,18 @@ class Metrics:
         )
         self.state_errors = Counter(
             "pollguard_state_errors_total",
-            "State store calls that failed or timed out (the request was forwarded).",
+            "State store calls that failed or timed out: a request forwarded unchecked or "
+            "uncounted, a scrape's key gauges left at their last reading, an admin call's 503.",
             registry=registry,
         )
+        self.refused = Counter(
+            "pollguard_refused_requests_total",
+            "Requests pollguard answered itself because of the client: 400 malformed, "
+            "405 CONNECT, 408 body too slow, 413 body too large (not in pollguard_requests_total).",
+            ["status"],
+            registry=registry,
+        )
+        self._refused = {status: self.refused.labels(status) for status in REFUSED_STATUSES}
         self.rules_reloads = Counter(
             "pollguard_rules_reloads_total",
             "Rule reloads by result.",
@@ -195,6 +207,14 @@ class Metrics:
         self._rules: dict[str, RuleMetrics] = {}
         self.use_rules([])
         self._folding: asyncio.TimerHandle | None = None
+
+    def refusal(self, status: int) -> None:
+        """Count one request refused for the client's fault (REFUSED_STATUSES, or another 4xx)."""
+        key = str(status)
+        child = self._refused.get(key)
+        if child is None:
+            child = self._refused[key] = self.refused.labels(key)
+        child.inc()
 
     def start_folding(self, every: float = FOLD_EVERY) -> None:
         """Fold the observed durations every `every` seconds on the running loop (a

@@ -55,6 +55,8 @@ class ProxyConnection(RequestHandler):
     # The client's address as request.remote gives it, worked out once a connection
     # (aiohttp's getter, on every request's first read, ~1k instructions).
     remote: str | None = None
+    # Told of each request the parser refused; its server (ProxyServer) sets it.
+    on_malformed: Callable[[int], None] = staticmethod(lambda status: None)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -97,6 +99,7 @@ class ProxyConnection(RequestHandler):
             manager.requests_count += 1
             writer = StreamWriter(self, loop)
             if isinstance(message, _ErrInfo):  # a malformed request: its 400
+                self.on_malformed(message.status)
                 request_handler = self._make_error_handler(message)
                 message = ERROR
             else:
@@ -225,10 +228,23 @@ def _raising(exc: Exception) -> Callable[[web.BaseRequest], Awaitable[web.Stream
 
 
 class ProxyServer(web.Server):
-    """web.Server whose connections are ProxyConnections."""
+    """web.Server whose connections are ProxyConnections; `on_malformed(status)` is told
+    of every request the parser refused (aiohttp answers those itself, without the handler)."""
+
+    def __init__(
+        self,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        *,
+        on_malformed: Callable[[int], None] = lambda status: None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self.on_malformed = on_malformed
 
     def __call__(self) -> RequestHandler:
-        return ProxyConnection(self, loop=self._loop, **self._kwargs)
+        connection = ProxyConnection(self, loop=self._loop, **self._kwargs)
+        connection.on_malformed = self.on_malformed
+        return connection
 
 
 # What the proxy handler decided, for the access log:

@@ -152,6 +152,16 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
             await asyncio.sleep(0.3)
             assert proc.proc is not None
             proc.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)  # draining: the request upstream has ~0.5 s to go
+            # The admin port outlives the drain: alive, not ready, and still scraped.
+            async with http.get(proc.admin_base + "/healthz") as health:
+                assert health.status == 200
+            async with http.get(proc.admin_base + "/readyz") as ready:
+                assert ready.status == 503
+                assert (await ready.json())["status"] == "draining"
+            async with http.get(proc.admin_base + "/metrics") as scrape:
+                assert scrape.status == 200
+            assert not slow.done()
             resp = await asyncio.wait_for(slow, 10)
             assert resp.status == 200
             assert await resp.json() == {"slow": True}

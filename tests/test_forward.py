@@ -651,6 +651,8 @@ async def test_connect_is_refused_and_never_forwarded(
         connect, pg, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
     )
     assert resp.status == 405
+    allow = resp.get("Allow") or ""
+    assert "CONNECT" not in allow and "GET" in allow
     assert upstream.requests == []
     await assert_serves(http, pg)
 

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import DURATION_BUCKETS, Metrics, RuleMetrics
-from tests.conftest import StartPollguard
+from tests.conftest import Connect, StartPollguard
 from tests.support import Upstream, rule_toml, ruleset
 
 OUTCOMES = ("forwarded", "blocked", "probe", "would_block", "upstream_error")
@@ -93,6 +93,36 @@ async def test_upstream_errors_are_counted_as_such(
         assert value(samples, "pollguard_requests_total", rule=rule, outcome="upstream_error") == 1
         assert value(samples, "pollguard_requests_total", rule=rule, outcome="forwarded") == 0
     assert value(samples, "pollguard_upstream_misses_total", rule="task-status") == 0
+
+
+async def test_client_faults_are_refusals_not_upstream_errors(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    """A scanner's CONNECT or an oversized upload must not page anyone about the backend."""
+    pg = await start_pollguard(max_body_size=1000)
+    before = await scrape(http, pg.admin("/metrics"))
+    for status in ("400", "405", "408", "413"):
+        assert value(before, "pollguard_refused_requests_total", status=status) == 0
+    sent = {
+        b"GET /test/status/x HTTP/1.1\r\nHost: h\r\nBad Header\r\n\r\n": 400,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n": 405,
+        b"GET /test/status/x HTTP/1.1\r\nHost: h\r\nContent-Length: 1001\r\n\r\n": 413,
+        b"POST /elsewhere HTTP/1.1\r\nHost: h\r\nContent-Length: 1001\r\n\r\n": 413,
+    }
+    for raw, status in sent.items():
+        conn = await connect(pg)
+        await conn.send(raw)
+        assert (await conn.response()).status == status
+    samples = await scrape(http, pg.admin("/metrics"))
+    assert value(samples, "pollguard_refused_requests_total", status="400") == 1
+    assert value(samples, "pollguard_refused_requests_total", status="405") == 1
+    assert value(samples, "pollguard_refused_requests_total", status="413") == 2
+    for rule in ("task-status", "none"):
+        for outcome in OUTCOMES:
+            assert value(samples, "pollguard_requests_total", rule=rule, outcome=outcome) == 0
+    assert value(samples, "pollguard_upstream_misses_total", rule="task-status") == 0
+    assert upstream.requests == []
 
 
 async def test_health_and_readiness(
