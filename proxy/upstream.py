@@ -6,9 +6,9 @@ rebuilding, cookies, tracing, redirects, auto headers. This pool keeps the part 
 matters, aiohttp's own client protocol (ResponseHandler: the C response parser, flow
 control, payload errors), and drops the rest: the request head goes out in one write,
 and the answer comes back as the parser's message and payload stream. A connection keeps
-its parser from one answer to the next, and one periodic sweep bounds the wait for
-every answer's head (valgrind: a new parser per answer cost ~8k instructions a request;
-aiohttp's read timer, re-armed on every read, ~13k). Requests with a body, WebSocket
+its parser from one answer to the next (but not past a chunked one: see _send), and one
+periodic sweep bounds the wait for every answer's head (valgrind: a new parser per answer
+cost ~8k instructions a request; aiohttp's read timer, re-armed on every read, ~13k). Requests with a body, WebSocket
 upgrades and https upstreams keep the ClientSession (forward.py).
 """
 
@@ -240,6 +240,11 @@ class UpstreamPool:
                 # 103 Early Hints and the like: the wait for the final answer starts again
                 waiting[proto] = loop.time() + self._read_timeout
                 message, payload = await proto.read()
+            if message.chunked:
+                # aiohttp 3.14's C parser keeps a chunked answer's last trailer field pending
+                # and hands it to the next answer it parses, another client's: the next
+                # exchange on this connection gets a parser of its own (~8k instructions).
+                proto.parser_for = None
         except BaseException:  # a cancelled request too: the answer would land on the next
             proto.close()
             raise

@@ -159,6 +159,30 @@ async def test_one_connection_carries_answers_of_every_framing_in_turn(
     assert up.accepted == 1
 
 
+async def test_an_answers_trailer_never_becomes_a_field_of_the_next_answer(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    # aiohttp 3.14's C parser leaves a chunked message's last trailer field pending and
+    # gives it to the next message it parses: on a pooled connection, another client's.
+    trailed = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nhi\r\n0\r\nSet-Cookie: session=VICTIM\r\nX-Late: 1\r\n\r\n"
+    )
+
+    async def answer(request: Request) -> None:
+        request.writer.write(trailed if request.path == "/trailed" else ok(b"mine"))
+
+    up = await backend(answer)
+    pg = await through(start_pollguard, up)
+    for path in ("/trailed", "/next", "/trailed", "/trailed", "/next", "/next"):
+        client = await connect(pg)  # a client each: the upstream connection is shared
+        reply = await client.get(path)
+        assert reply.status == 200
+        assert reply.get("Set-Cookie") is None and reply.get("X-Late") is None, (path, reply)
+        assert reply.body == (b"hi" if path == "/trailed" else b"mine")
+    assert up.accepted == 1  # still one connection: a fresh parser, not a new connection
+
+
 # --- 2. a kept-alive connection the upstream closed -------------------------------------
 
 
