@@ -8,8 +8,9 @@ control, payload errors), and drops the rest: the request head goes out in one w
 and the answer comes back as the parser's message and payload stream. A connection keeps
 its parser from one answer to the next (but not past a chunked one: see _send), and one
 periodic sweep bounds the wait for every answer's head (valgrind: a new parser per answer
-cost ~8k instructions a request; aiohttp's read timer, re-armed on every read, ~13k). Requests with a body, WebSocket
-upgrades and https upstreams keep the ClientSession (forward.py).
+cost ~8k instructions a request; aiohttp's read timer, re-armed on every read, ~13k).
+Requests with a body, WebSocket upgrades and https upstreams keep the ClientSession
+(forward.py).
 """
 
 from __future__ import annotations
