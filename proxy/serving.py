@@ -105,6 +105,10 @@ class ProxyConnection(RequestHandler):
             else:
                 request_handler = handler
             request = factory(message, payload, self, writer, self._task_handler)  # type: ignore[arg-type]
+            if message.chunked:
+                # aiohttp 3.14's C parser hands a chunked message's last trailer field to
+                # the next message it parses: no next request on this connection's parser.
+                request.keep_alive = False
             try:
                 try:
                     if request_handler is handler and not self._upgraded:
