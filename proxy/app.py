@@ -226,6 +226,9 @@ class Pollguard:
             request_factory=ProxyRequest.factory(asyncio.get_running_loop()),
             handler_cancellation=True,  # a client that hangs up stops its upstream request too
             keepalive_timeout=self.settings.client_timeout,
+            # Reading and dropping a body left unread (after a 413, say) is bounded by the
+            # client's timeout too, not aiohttp's fixed 10 s (nginx: lingering_timeout).
+            lingering_time=min(10.0, self.settings.client_timeout),
             access_log_class=access_logger(self._sink),
             access_log=logging.getLogger("pollguard.access") if self._sink else None,
             on_malformed=self.metrics.refusal,  # aiohttp's 400s never reach the handler

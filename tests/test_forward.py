@@ -541,6 +541,17 @@ async def test_a_body_over_max_body_size_declared_by_content_length_is_413_unfor
     assert resp.status == 413
     assert upstream.arrived == []
 
+    # A client that keeps its connection open without sending the rest is let go by
+    # --client-timeout, not held for aiohttp's 10 s linger.
+    pg = await start_pollguard(max_body_size=1000, client_timeout=0.5)
+    conn = await connect(pg)
+    await conn.send(
+        b"POST /upload/watched HTTP/1.1\r\nHost: h\r\nContent-Length: 5000\r\n\r\n" + b"x" * 100
+    )
+    started = time.monotonic()
+    assert (await conn.closed_within(5.0)).startswith(b"HTTP/1.1 413 ")
+    assert time.monotonic() - started < 3.0
+
     ok = await exchange(
         connect, pg, b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000
     )
