@@ -15,7 +15,8 @@ from time import perf_counter_ns
 from typing import NamedTuple
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -298,7 +299,11 @@ class Forwarder:
                     body = await content.read()
             return Relayed(status, reason, *_relayed_fields(src_headers, raw_headers, conn), body)
         headers = response_headers(src_headers)
-        resp = web.StreamResponse(status=status, reason=reason, headers=headers)
+        resp = _Streamed(status=status, reason=reason, headers=headers)
+        if length is None and request.version < HttpVersion11:
+            # The body ends at the close for this client (no chunking in HTTP/1.0): aiohttp
+            # knows it, but leaves keep-alive on, so the client would wait for its timeout.
+            resp.force_close()
         await resp.prepare(request)
         try:
             while True:
@@ -436,6 +441,21 @@ async def _pump_websockets(
         await up.close(code=code)
     if not down.closed:
         await down.close(code=code)
+
+
+class _Streamed(web.StreamResponse):
+    """An upstream's streamed answer: aiohttp's StreamResponse, minus the Content-Type
+    (application/octet-stream) and Server it adds when the upstream sent none, as a
+    Relayed answer is: a browser would download what it could have rendered."""
+
+    async def _prepare_headers(self) -> None:
+        headers = self._headers
+        had_type, had_server = hdrs.CONTENT_TYPE in headers, hdrs.SERVER in headers
+        await super()._prepare_headers()
+        if not had_type:
+            headers.popall(hdrs.CONTENT_TYPE, None)
+        if not had_server:
+            headers.popall(hdrs.SERVER, None)
 
 
 async def _refuse(request: web.BaseRequest, fault: _ClientFault) -> web.StreamResponse:

@@ -575,6 +575,32 @@ async def test_relayed_answers_to_http10_clients_and_on_close(
     assert up.accepted == 1  # the client's Connection: close is not the upstream's
 
 
+async def test_streamed_answers_invent_no_fields_and_end_at_the_close_for_http10(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    big = b"b" * 70_000  # over the 64 KiB read whole: streamed
+    answers = {
+        "/big": ok(big),  # no Content-Type, no Server
+        "/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    }
+
+    async def answer(request: Request) -> None:
+        request.writer.write(answers[request.path])
+
+    up = await backend(answer)
+    pg = await through(start_pollguard, up)
+    reply = await (await connect(pg)).get("/big")
+    assert (reply.status, reply.body) == (200, big)
+    assert reply.get("Content-Type") is None and reply.get("Server") is None
+
+    client = await connect(pg)  # HTTP/1.0, keep-alive asked: the body can only end at the close
+    await client.send(b"GET /chunked HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n")
+    started = time.monotonic()
+    rest = await client.closed_within(5.0)
+    assert rest.startswith(b"HTTP/1.0 200 ") and rest.endswith(b"\r\n\r\nhi")
+    assert time.monotonic() - started < 2.0  # at once, not after --client-timeout (15 s)
+
+
 # --- 7. HEAD ----------------------------------------------------------------------------
 
 
