@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from proxy.errors import RulesError, StateError
+from proxy.workers import tell_parent_reloaded
 
 if TYPE_CHECKING:
     from proxy.app import Pollguard
@@ -190,10 +191,12 @@ async def unblock(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
+    pg = request.app[POLLGUARD]
     try:
-        rules = await request.app[POLLGUARD].reload(trigger="api")
+        rules = await pg.reload(trigger="api")
     except RulesError as exc:
         return web.json_response({"errors": exc.errors}, status=422)
+    tell_parent_reloaded(pg.settings)  # --workers: the other workers reload too
     return web.json_response({"rules": len(rules)})
 
 

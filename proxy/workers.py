@@ -3,8 +3,9 @@
 The kernel spreads connections over the workers (SO_REUSEPORT). Worker i serves the
 admin API on the admin port + i, so each worker's counters are scraped as they are
 (Prometheus sums them; the state gauges read Redis and are the same in every worker).
-The parent serves nothing: it forks, restarts a worker that dies, passes SIGHUP on,
-and on SIGTERM/SIGINT stops every worker and waits for them to drain.
+The parent serves nothing: it forks, restarts a worker that dies, passes SIGHUP on
+(a worker's own, sent after a POST /admin/reload, to the others), and on SIGTERM/SIGINT
+stops every worker and waits for them to drain.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class _Supervisor:
         while self.children or (self.restarts and not self.stopping):
             info = signal.sigtimedwait(WATCHED, self.wait_time())
             if info is not None:
-                self.on_signal(info.si_signo)
+                self.on_signal(info.si_signo, info.si_pid)
             self.reap()
             now = time.monotonic()
             for index, when in list(self.restarts.items()):
@@ -120,9 +121,11 @@ class _Supervisor:
             soonest = min(soonest, self.kill_at - time.monotonic())
         return max(soonest, 0.01)
 
-    def on_signal(self, signo: int) -> None:
+    def on_signal(self, signo: int, sender: int = 0) -> None:
         if signo == signal.SIGHUP:
-            self.signal_all(signal.SIGHUP)
+            # From a worker: it reloaded through the admin API (tell_parent_reloaded), and
+            # the others follow. From anyone else: every worker reloads.
+            self.signal_all(signal.SIGHUP, but=sender)
         elif signo in (signal.SIGTERM, signal.SIGINT):
             self.stop()
 
@@ -134,8 +137,10 @@ class _Supervisor:
             self.restarts.clear()
         self.signal_all(signal.SIGTERM)
 
-    def signal_all(self, signo: int) -> None:
+    def signal_all(self, signo: int, but: int = 0) -> None:
         for pid in self.children:
+            if pid == but:
+                continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signo)
 
@@ -205,6 +210,15 @@ class _Supervisor:
                 sys.stdout.flush()
                 sys.stderr.flush()
             os._exit(code)
+
+
+def tell_parent_reloaded(settings: Settings) -> None:
+    """In a worker that reloaded its rules (POST /admin/reload): SIGHUP the parent, which
+    passes it on to every other worker, so that one port never serves two rule sets."""
+    if settings.workers > 1:
+        parent = os.getppid()
+        if parent > 1:
+            os.kill(parent, signal.SIGHUP)
 
 
 def _exit_with_parent(parent: int) -> None:

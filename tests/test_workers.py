@@ -149,6 +149,25 @@ async def test_workers_share_the_port_count_as_one_and_come_back(
     assert worker_pids(pg) == last
     assert all(alive(pid) for pid in last.values())
 
+    # The admin API's reload, on any one worker, reloads them all, each once.
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(admin_url(pg, "/admin/reload", 2)) as resp,
+    ):
+        assert resp.status == 200
+        assert await resp.json() == {"rules": 1}
+    await eventually(lambda: sum(e.get("event") == "rules_reloaded" for e in events(pg)) == 6)
+    await asyncio.sleep(0.3)  # and no worker a second time
+    reloads = [e for e in events(pg) if e.get("event") == "rules_reloaded"][3:]
+    assert sorted(e["trigger"] for e in reloads) == ["SIGHUP", "SIGHUP", "api"]
+    for worker in range(3):  # the parent's SIGHUP, then this one
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(admin_url(pg, "/metrics", worker)) as r,
+        ):
+            text = await r.text()
+        assert 'pollguard_rules_reloads_total{result="ok"} 2.0' in text, worker
+
     assert await pg.stop() == 0
     for pid in last.values():
         assert not alive(pid)
