@@ -168,6 +168,7 @@ class Pollguard:
         self.reuse_port = reuse_port
         self.started_at = clock()
         self.metrics.rules_in_force(len(rules), self.started_at)
+        self.metrics.store_in_use("memory" if isinstance(self.state, MemoryState) else "redis")
         self._reload_lock = asyncio.Lock()
         self._sink: LineSink | None = None
         self._runners: list[web.BaseRunner] = []

@@ -37,6 +37,7 @@ RELOAD_RESULTS = ("ok", "error")
 # pollguard's own answers to a client at fault: malformed (400), CONNECT (405), a body too
 # slow (408) or too large (413). The upstream did not fail them, so they are no outcome.
 REFUSED_STATUSES = ("400", "405", "408", "413")
+STORES = ("memory", "redis")
 # Upstream latency from a fast in-memory lookup (sub-ms) up to the default 30s timeout.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The `le` labels as prometheus_client writes them (its floatToGoString: "0.001", "1.0").
@@ -168,6 +169,16 @@ class Metrics:
             "uncounted, a scrape's key gauges left at their last reading, an admin call's 503.",
             registry=registry,
         )
+        # Which store the key gauges read, so that a dashboard adds them up rightly: each
+        # process's own keys (memory: sum), or one shared count every process reports
+        # (redis: max). Both children are there, the one in use at 1.
+        self.state_store = Gauge(
+            "pollguard_state_store",
+            "1 for the state store in use, else 0: memory (each process counts its own keys: "
+            "sum the key gauges) or redis (shared: every process reports the same: max).",
+            ["store"],
+            registry=registry,
+        )
         self.refused = Counter(
             "pollguard_refused_requests_total",
             "Requests pollguard answered itself because of the client: 400 malformed, "
@@ -248,6 +259,10 @@ class Metrics:
             self.blocked_keys.labels(name)
         for gone in _children(self.blocked_keys) - set(wanted):
             self.blocked_keys.remove(gone)
+
+    def store_in_use(self, store: str) -> None:
+        for name in STORES:
+            self.state_store.labels(name).set(1 if name == store else 0)
 
     def rules_in_force(self, count: int, now: float) -> None:
         """A rule set was loaded (at start or by a reload) and is now in force."""

@@ -50,6 +50,8 @@ async def test_every_series_exists_from_the_start_at_zero(
         assert value(samples, "pollguard_upstream_duration_seconds_count", rule=rule) == 0
     assert value(samples, "pollguard_tracked_keys") == 0
     assert value(samples, "pollguard_state_errors_total") == 0
+    assert value(samples, "pollguard_state_store", store="memory") == 1
+    assert value(samples, "pollguard_state_store", store="redis") == 0
     for result in ("ok", "error"):
         assert value(samples, "pollguard_rules_reloads_total", result=result) == 0
 

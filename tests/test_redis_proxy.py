@@ -203,6 +203,8 @@ async def test_the_proxy_on_redis_state_blocks_probes_and_unblocks(
     assert 'pollguard_requests_total{outcome="probe",rule="task-status"} 1.0' in text
     assert "pollguard_tracked_keys 0.0" in text
     assert "pollguard_state_errors_total 0.0" in text
+    assert 'pollguard_state_store{store="redis"} 1.0' in text  # the dashboard takes the max
+    assert 'pollguard_state_store{store="memory"} 0.0' in text
 
 
 async def test_blocked_polls_are_answered_without_redis(
