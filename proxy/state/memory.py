@@ -17,7 +17,7 @@ from cachetools import LRUCache, TLRUCache
 from proxy import guard
 from proxy.guard import Action, KeyState, Outcome
 from proxy.rules import Rule
-from proxy.state import Block, Clock, Stats, held, stored
+from proxy.state import Block, Clock, Stats, every, held, stored
 from proxy.state.counts import Counts
 
 Key = tuple[str, str]
@@ -88,12 +88,14 @@ class MemoryState:
         return out
 
     async def blocks(self, rule: str | None = None) -> list[Block]:
-        self._blocks.expire()
-        return [
-            Block(name, task_id, s.misses, s.blocked_until)
-            for (name, task_id), s in self._blocks.items()
-            if rule is None or name == rule
-        ]
+        blocks = self._blocks
+        blocks.expire()
+        found = []
+        for key in every(blocks):
+            if rule is None or key[0] == rule:
+                state = stored(blocks, key)
+                found.append(Block(key[0], key[1], state.misses, state.blocked_until))
+        return found
 
     async def unblock(self, rule: str, task_id: str) -> bool:
         return self._blocks.pop((rule, task_id), None) is not None
@@ -101,7 +103,7 @@ class MemoryState:
     async def stats(self) -> Stats:
         self._counts.expire(self._clock())
         self._blocks.expire()
-        per_rule = Counter(name for name, _ in self._blocks)
+        per_rule = Counter(name for name, _ in every(self._blocks))  # on every scrape
         return Stats(tracked=len(self._counts) + len(self._blocks), blocked=dict(per_rule))
 
     async def retain(self, rules: Collection[Rule]) -> None:
