@@ -26,6 +26,10 @@ from proxy.state.memory import MemoryState
 
 log = logging.getLogger("pollguard")
 
+# pollguard's own answers when the upstream failed: unreachable, too slow. Its others
+# (400, 405, 408, 413, 501) are refusals of a client at fault.
+UPSTREAM_FAILED = (502, 504)
+
 
 class ProxyHandler:
     """The public port's only handler: every request comes through here."""
@@ -57,7 +61,7 @@ class ProxyHandler:
             response, status, ns = await self.forwarder.forward(request)
             if status is not None:
                 outcome = "forwarded"
-            elif response.status >= 500:  # 502, 504
+            elif response.status in UPSTREAM_FAILED:
                 outcome = "upstream_error"
             else:
                 return self._refused(request, NO_RULE, None, response)
@@ -78,7 +82,7 @@ class ProxyHandler:
 
         fwd = await self.forwarder.forward(request)
         if fwd.status is None:
-            if fwd.response.status < 500:
+            if fwd.response.status not in UPSTREAM_FAILED:
                 return self._refused(request, rule.name, task_id, fwd.response)
             outcome = "upstream_error"
         elif action is Action.BLOCK:
@@ -94,9 +98,9 @@ class ProxyHandler:
     def _refused(
         self, request: ProxyRequest, rule: str, task_id: str | None, response: web.StreamResponse
     ) -> web.StreamResponse:
-        """pollguard's own 4xx to a client at fault (CONNECT, a body too large or too
-        slow): the upstream did not fail, so it is counted apart from the outcomes, and
-        the key's state is left as it was."""
+        """pollguard's own answer to a client at fault (CONNECT, a body too large or too
+        slow, a transfer coding it cannot pass on): the upstream did not fail, so it is
+        counted apart from the outcomes, and the key's state is left as it was."""
         self.metrics.refusal(response.status)
         request.decision = (rule, task_id, "refused", None)
         return response

@@ -188,6 +188,12 @@ class Forwarder:
             if length is not None and length > self._max_body:
                 resp = error_response(413, "request body too large", close=True)
                 return Forwarded(resp, None, None)
+            codings = request.headers.getall(hdrs.TRANSFER_ENCODING, ())
+            if codings and ",".join(codings).replace(" ", "").lower() != "chunked":
+                # `gzip, chunked`: aiohttp undoes the chunking only, and the upstream would
+                # take gzip bytes for the body (RFC 9112 6.1: 501, as nginx answers).
+                resp = error_response(501, "transfer coding not implemented", close=True)
+                return Forwarded(resp, None, None)
             body = self._body(request)
 
         started = perf_counter_ns()

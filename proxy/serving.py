@@ -25,7 +25,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import ceil_timeout
-from aiohttp.http import HttpVersion, HttpVersion11
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
+from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EmptyStreamReader, StreamReader
@@ -39,6 +40,8 @@ from multidict import CIMultiDictProxy
 
 from proxy.headers import RawHeaders
 from proxy.wire import EMPTY_HEADERS
+
+_NOT_HTTP1 = "only HTTP/1.0 and HTTP/1.1 are served"
 
 
 class ProxyConnection(RequestHandler):
@@ -98,6 +101,12 @@ class ProxyConnection(RequestHandler):
 
             manager.requests_count += 1
             writer = StreamWriter(self, loop)
+            if not isinstance(message, _ErrInfo) and (
+                message.version is not HttpVersion11 and message.version is not HttpVersion10
+            ):
+                # HTTP/0.9 (`GET /`, no version): aiohttp parses it, but it has no status
+                # line or fields to answer with, and forwarding it would make it HTTP/1.1.
+                message = _ErrInfo(400, BadHttpMessage(_NOT_HTTP1), _NOT_HTTP1)
             if isinstance(message, _ErrInfo):  # a malformed request: its 400
                 self.on_malformed(message.status)
                 request_handler = self._make_error_handler(message)

@@ -104,21 +104,25 @@ async def test_client_faults_are_refusals_not_upstream_errors(
     """A scanner's CONNECT or an oversized upload must not page anyone about the backend."""
     pg = await start_pollguard(max_body_size=1000)
     before = await scrape(http, pg.admin("/metrics"))
-    for status in ("400", "405", "408", "413"):
+    for status in ("400", "405", "408", "413", "501"):
         assert value(before, "pollguard_refused_requests_total", status=status) == 0
     sent = {
         b"GET /test/status/x HTTP/1.1\r\nHost: h\r\nBad Header\r\n\r\n": 400,
         b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n": 405,
         b"GET /test/status/x HTTP/1.1\r\nHost: h\r\nContent-Length: 1001\r\n\r\n": 413,
         b"POST /elsewhere HTTP/1.1\r\nHost: h\r\nContent-Length: 1001\r\n\r\n": 413,
+        b"GET /test/status/x\r\n\r\n": 400,  # HTTP/0.9: no status line to answer with
+        b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+        b"2\r\nhi\r\n0\r\n\r\n": 501,  # the gzip coding would be lost on the way
     }
     for raw, status in sent.items():
         conn = await connect(pg)
         await conn.send(raw)
         assert (await conn.response()).status == status
     samples = await scrape(http, pg.admin("/metrics"))
-    assert value(samples, "pollguard_refused_requests_total", status="400") == 1
+    assert value(samples, "pollguard_refused_requests_total", status="400") == 2
     assert value(samples, "pollguard_refused_requests_total", status="405") == 1
+    assert value(samples, "pollguard_refused_requests_total", status="501") == 1
     assert value(samples, "pollguard_refused_requests_total", status="413") == 2
     for rule in ("task-status", "none"):
         for outcome in OUTCOMES:
