@@ -1,8 +1,8 @@
 """Which header fields cross the proxy: hop-by-hop ones stay behind, X-Forwarded-* and Via join.
 
-RFC 9110 7.6.1: `Connection` and every field it names, `Keep-Alive`, `TE`,
-`Transfer-Encoding`, `Upgrade` (but for WebSocket, handled in forward.py) and `Proxy-*`
-are for one hop only. Two forms of the same rules:
+RFC 9110 7.6.1: `Connection` and every field it names (but Host and Content-Length,
+which it must not name), `Keep-Alive`, `TE`, `Transfer-Encoding`, `Upgrade` (but for
+WebSocket, handled in forward.py) and `Proxy-*` are for one hop only. Two forms of the same rules:
 - `request_fields()` / `response_fields()` build the bytes for the wire straight from the
   fields as received, in their own case and bytes: the lean path (upstream.py, wire.py);
 - `request_headers()` / `response_headers()` give a CIMultiDict, for aiohttp's client and
@@ -38,9 +38,19 @@ _VIA_11 = f"1.1 {VIA}"
 _VIA_LINE = f"Via: {_VIA_11}\r\n".encode()
 
 
+# Fields every recipient needs to find the message's end or its resource: a Connection
+# field naming them is ignored, as nginx ignores it (RFC 9110 7.6.1 forbids listing such
+# fields), where dropping them would send an HTTP/1.1 request without Host, or answer a
+# keep-alive client with a body it cannot delimit. (Transfer-Encoding is hop-by-hop
+# anyway: pollguard frames each body it sends itself.)
+_NEVER_CONNECTION_OPTIONS = frozenset({"host", "content-length", "transfer-encoding"})
+
+
 def _tokens(connection: str) -> frozenset[str]:
-    """The lower-case names a Connection field's value (its lines joined by ",") lists."""
-    return frozenset(t.strip().lower() for t in connection.split(","))
+    """The lower-case names a Connection field's value (its lines joined by ",") lists,
+    but for the fields no Connection field may take away."""
+    named = frozenset(t.strip().lower() for t in connection.split(","))
+    return named - _NEVER_CONNECTION_OPTIONS
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:

@@ -110,6 +110,56 @@ async def test_request_hop_by_hop_headers_are_dropped_and_end_to_end_ones_kept(
     assert header_values(seen, "X-Multi") == ["a", "b"]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param("", id="no-body"),
+        pytest.param("Content-Length: 5\r\n\r\nhello", id="content-length"),
+        pytest.param("Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", id="chunked"),
+    ],
+)
+async def test_a_connection_field_naming_host_or_the_framing_takes_none_of_them_away(
+    start_pollguard: StartPollguard, connect: Connect, body: str
+) -> None:
+    pg = await start_pollguard()
+    method = "POST" if body else "GET"
+    seen = await echo(
+        connect,
+        pg,
+        f"{method} /echo HTTP/1.1\r\n"
+        "Host: api.example.com\r\n"
+        "Connection: host, content-length, transfer-encoding, X-Named-Hop\r\n"
+        "X-Named-Hop: 1\r\n" + (body or "\r\n"),
+    )
+    assert header_values(seen, "Host") == ["api.example.com"]
+    assert header_values(seen, "X-Forwarded-Host") == ["api.example.com"]
+    assert "X-Named-Hop" not in header_names(seen)
+    if body:
+        assert seen["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
+    if "Content-Length" in body:
+        assert header_values(seen, "Content-Length") == ["5"]
+
+
+@pytest.mark.parametrize("size", [2, 100_000], ids=["read-whole", "streamed"])
+async def test_an_answer_whose_connection_field_names_content_length_keeps_it(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, size: int
+) -> None:
+    async def answer(request: Request) -> None:
+        request.writer.write(
+            b"HTTP/1.1 200 OK\r\nConnection: content-length, X-Named-Hop\r\n"
+            b"X-Named-Hop: 1\r\nContent-Length: %d\r\n\r\n%s" % (size, b"x" * size)
+        )
+
+    up = await backend(answer)
+    pg = await start_pollguard(upstream_url=up.url)
+    conn = await connect(pg)  # one keep-alive connection: a body without its length breaks it
+    for _ in range(2):
+        await conn.send(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        resp = await conn.response()
+        assert (resp.status, resp.get("Content-Length"), resp.body) == (200, str(size), b"x" * size)
+        assert resp.get("X-Named-Hop") is None
+
+
 async def test_a_bare_request_reaches_the_upstream_with_nothing_invented(
     start_pollguard: StartPollguard, connect: Connect
 ) -> None:
