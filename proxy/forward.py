@@ -178,7 +178,7 @@ class Forwarder:
         # The whole target goes in as the path: parsing a URL string would drop an empty "?"
         # (the target must pass byte for byte), and building is 3x cheaper than parsing.
         url = URL.build(scheme=self._scheme, authority=self._authority, path=target, encoded=True)
-        headers = request_headers(request)
+        headers = request_headers(request, self._authority)
         if websocket:
             return await self._websocket(request, url, headers)
 

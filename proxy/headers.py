@@ -30,9 +30,8 @@ RawHeaders = tuple[tuple[bytes, bytes], ...]
 _HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 # Fields pollguard writes itself, merged with (or in place of) what came in.
 _REQUEST_SKIP = frozenset(n.encode() for n in HOP_BY_HOP_REQUEST) | {
-    b"x-forwarded-for", b"x-forwarded-proto", b"via",
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via",
 }  # fmt: skip
-_REQUEST_SKIP_HOST = _REQUEST_SKIP | {b"x-forwarded-host"}
 _RESPONSE_SKIP = _HOP | {b"via"}
 _VIA_11 = f"1.1 {VIA}"
 _VIA_LINE = f"Via: {_VIA_11}\r\n".encode()
@@ -101,20 +100,24 @@ def request_line(method: str, target: str) -> bytes:
 
 def request_fields(request: web.BaseRequest, authority: str) -> bytes:
     """The request's header lines for the upstream, through the blank line: the client's
-    end-to-end fields as they came, then X-Forwarded-*, Via, and Host if it sent none.
+    end-to-end fields as they came, then X-Forwarded-*, Via, and Host if it sent none
+    (`authority`, the upstream's: X-Forwarded-Host is always the Host the upstream gets).
 
     What they are made of is the client's raw fields, its version, and its connection
     (address, scheme): requests alike on one connection get the same bytes.
     """
     src = request.headers
     host = src.get("Host")
-    skip = _skipped(src, _REQUEST_SKIP if host is None else _REQUEST_SKIP_HOST)
+    skip = _skipped(src, _REQUEST_SKIP)
     out = []
     for field in request.raw_headers:
         lower = field[0].lower()
         if lower not in skip and lower[:6] != b"proxy-":
             out.append(b"%s: %s\r\n" % field)
-    own = f"Host: {authority}" if host is None else f"X-Forwarded-Host: {host}"
+    if host is None:  # HTTP/1.0 may leave Host out
+        own = f"Host: {authority}\r\nX-Forwarded-Host: {authority}"
+    else:
+        own = f"X-Forwarded-Host: {host}"
     via = _via(src.getall("Via", None), request.version)
     out.append(
         _str_bytes(
@@ -160,15 +163,17 @@ def _end_to_end(headers: CIMultiDictProxy[str], hop_by_hop: frozenset[str]) -> C
     return out
 
 
-def request_headers(request: web.BaseRequest) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones, plus X-Forwarded-* and Via."""
+def request_headers(request: web.BaseRequest, authority: str) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones, plus X-Forwarded-* and Via; Host and
+    X-Forwarded-Host as request_fields() writes them."""
     src = request.headers
     out = _end_to_end(src, HOP_BY_HOP_REQUEST)
     out["X-Forwarded-For"] = _forwarded_for(request)
     out["X-Forwarded-Proto"] = request.scheme
     host = src.get("Host")
-    if host is not None:
-        out["X-Forwarded-Host"] = host
+    if host is None:
+        host = out["Host"] = authority  # as the lean path writes it, not aiohttp's own
+    out["X-Forwarded-Host"] = host  # in place of any the client sent
     out["Via"] = _via(src.getall("Via", None), request.version)
     return out
 

@@ -200,6 +200,29 @@ async def test_forwarded_headers_append_the_peer_and_replace_what_the_client_cla
     assert header_values(seen, "Via") == ["1.0 pollguard"]
 
 
+@pytest.mark.parametrize("body", ["", "hello"], ids=["no-body", "body"])
+async def test_x_forwarded_host_is_always_pollguards_even_without_a_host(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect, body: str
+) -> None:
+    pg = await start_pollguard()
+    method = "POST" if body else "GET"
+    length = f"Content-Length: {len(body)}\r\n" if body else ""
+    spoofed = "X-Forwarded-Host: evil.example\r\nX-Forwarded-Host: evil2.example\r\n"
+    seen = await echo(
+        connect, pg, f"{method} /echo HTTP/1.0\r\n{spoofed}{length}\r\n{body}"
+    )  # HTTP/1.0: no Host
+    authority = upstream.url.removeprefix("http://")
+    assert header_values(seen, "Host") == [authority]
+    assert header_values(seen, "X-Forwarded-Host") == [authority]
+
+    seen = await echo(
+        connect,
+        pg,
+        f"{method} /echo HTTP/1.1\r\nHost: api.example.com\r\n{spoofed}{length}\r\n{body}",
+    )
+    assert header_values(seen, "X-Forwarded-Host") == ["api.example.com"]
+
+
 async def test_response_hop_by_hop_headers_are_dropped_and_repeated_ones_kept(
     start_pollguard: StartPollguard, backend: StartBackend,
     connect: Connect,
