@@ -30,7 +30,7 @@ RawHeaders = tuple[tuple[bytes, bytes], ...]
 _HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 # Fields pollguard writes itself, merged with (or in place of) what came in.
 _REQUEST_SKIP = frozenset(n.encode() for n in HOP_BY_HOP_REQUEST) | {
-    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via",
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"via",
 }  # fmt: skip
 _RESPONSE_SKIP = _HOP | {b"via"}
 _VIA_11 = f"1.1 {VIA}"
@@ -91,6 +91,23 @@ def _forwarded_for(request: web.BaseRequest) -> str:
     return f"{', '.join(prior)}, {peer}" if prior else peer
 
 
+def _forwarded(request: web.BaseRequest, prior: list[str], host: str) -> str:
+    """A Forwarded value (RFC 7239 4): the elements received, then this hop's.
+
+    Only for a request that came with one: the rightmost element is then pollguard's,
+    never one a client wrote where an upstream trusting its last proxy would look.
+    """
+    peer = request.remote
+    if not peer:
+        node = "unknown"
+    elif ":" in peer:
+        node = f'"[{peer}]"'  # IPv6: in brackets, and quoted for the colons (RFC 7239 6)
+    else:
+        node = peer
+    quoted = host.replace("\\", "\\\\").replace('"', '\\"')
+    return f'{", ".join(prior)}, for={node};proto={request.scheme};host="{quoted}"'
+
+
 # The two builders below run for every forwarded request: loops inlined, on purpose.
 
 
@@ -100,8 +117,9 @@ def request_line(method: str, target: str) -> bytes:
 
 def request_fields(request: web.BaseRequest, authority: str) -> bytes:
     """The request's header lines for the upstream, through the blank line: the client's
-    end-to-end fields as they came, then X-Forwarded-*, Via, and Host if it sent none
-    (`authority`, the upstream's: X-Forwarded-Host is always the Host the upstream gets).
+    end-to-end fields as they came, then X-Forwarded-*, Forwarded if it sent one, Via,
+    and Host if it sent none (`authority`, the upstream's: X-Forwarded-Host is always
+    the Host the upstream gets).
 
     What they are made of is the client's raw fields, its version, and its connection
     (address, scheme): requests alike on one connection get the same bytes.
@@ -115,9 +133,13 @@ def request_fields(request: web.BaseRequest, authority: str) -> bytes:
         if lower not in skip and lower[:6] != b"proxy-":
             out.append(b"%s: %s\r\n" % field)
     if host is None:  # HTTP/1.0 may leave Host out
-        own = f"Host: {authority}\r\nX-Forwarded-Host: {authority}"
+        host = authority
+        own = f"Host: {host}\r\nX-Forwarded-Host: {host}"
     else:
         own = f"X-Forwarded-Host: {host}"
+    prior = src.getall("Forwarded", None)
+    if prior is not None:
+        own = f"{own}\r\nForwarded: {_forwarded(request, prior, host)}"
     via = _via(src.getall("Via", None), request.version)
     out.append(
         _str_bytes(
@@ -174,6 +196,9 @@ def request_headers(request: web.BaseRequest, authority: str) -> CIMultiDict[str
     if host is None:
         host = out["Host"] = authority  # as the lean path writes it, not aiohttp's own
     out["X-Forwarded-Host"] = host  # in place of any the client sent
+    prior = src.getall("Forwarded", None)
+    if prior is not None:
+        out["Forwarded"] = _forwarded(request, prior, host)
     out["Via"] = _via(src.getall("Via", None), request.version)
     return out
 

@@ -223,6 +223,27 @@ async def test_x_forwarded_host_is_always_pollguards_even_without_a_host(
     assert header_values(seen, "X-Forwarded-Host") == ["api.example.com"]
 
 
+@pytest.mark.parametrize("body", ["", "hello"], ids=["no-body", "body"])
+async def test_a_forwarded_field_received_gets_pollguards_element_appended(
+    start_pollguard: StartPollguard, connect: Connect, body: str
+) -> None:
+    pg = await start_pollguard()
+    method = "POST" if body else "GET"
+    length = f"Content-Length: {len(body)}\r\n" if body else ""
+    seen = await echo(
+        connect,
+        pg,
+        f"{method} /echo HTTP/1.1\r\n"
+        "Host: api.example.com:8443\r\n"
+        "Forwarded: for=203.0.113.7;proto=https\r\n"
+        f"Forwarded: for=198.51.100.1\r\n{length}\r\n{body}",
+    )
+    assert header_values(seen, "Forwarded") == [
+        "for=203.0.113.7;proto=https, for=198.51.100.1, "
+        'for=127.0.0.1;proto=http;host="api.example.com:8443"'
+    ]
+
+
 async def test_response_hop_by_hop_headers_are_dropped_and_repeated_ones_kept(
     start_pollguard: StartPollguard, backend: StartBackend,
     connect: Connect,
