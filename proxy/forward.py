@@ -32,6 +32,7 @@ from proxy.headers import (
 )
 from proxy.serving import ProxyConnection
 from proxy.upstream import UpstreamConnection, UpstreamPool
+from proxy.websocket import client_websocket, handshake
 from proxy.wire import WireResponse, connection_line, date_line
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -42,10 +43,6 @@ BUFFER_LIMIT = 64 * 1024
 _NO_AUTO_HEADERS: CIMultiDict[None] = CIMultiDict(
     (name, None) for name in ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 )
-_WS_HANDSHAKE = (
-    "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol",
-    "Sec-WebSocket-Extensions", "Sec-WebSocket-Accept",
-)  # fmt: skip
 
 
 class Forwarded(NamedTuple):
@@ -333,28 +330,39 @@ class Forwarder:
     async def _websocket(
         self, request: web.BaseRequest, url: URL, headers: CIMultiDict[str]
     ) -> Forwarded:
+        """The handshake as an ordinary request, its redirects passed on, never followed
+        (proxy/websocket.py says why): any answer but 101 is relayed as it came, a 101
+        opens a WebSocket on each side and the messages are copied between them."""
         protocols = [
             p.strip()
             for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
             if p.strip()
         ]
-        for name in _WS_HANDSHAKE:
-            headers.popall(name, None)
+        key = handshake(headers, protocols)
         started = perf_counter_ns()
         try:
-            up = await self.session.ws_connect(
-                url, headers=headers, protocols=protocols, autoclose=False, autoping=False,
-                max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=self._client_timeout),
-            )  # fmt: skip
-        except aiohttp.WSServerHandshakeError as exc:
+            resp = await self.session.request("GET", url, headers=headers, allow_redirects=False)
+            elapsed = perf_counter_ns() - started
+            if resp.status != 101:  # RFC 6455 4.1: a refusal is an answer like any other
+                async with resp:
+                    answer = await self._respond(
+                        request, resp.status, resp.reason or "", resp.headers, resp.raw_headers,
+                        resp.content_length, resp.content,
+                    )  # fmt: skip
+                return Forwarded(answer, resp.status, elapsed)
+            try:
+                up = client_websocket(resp, key, protocols, self._client_timeout)
+            except BaseException:
+                resp.close()
+                raise
+        except aiohttp.WSServerHandshakeError:  # a 101 that opens nothing
             return Forwarded(
-                error_response(exc.status, "upstream refused the WebSocket"), exc.status, None
+                error_response(502, "upstream WebSocket handshake invalid"), None, None
             )
         except (TimeoutError, aiohttp.ServerTimeoutError):
             return Forwarded(error_response(504, "upstream timed out"), None, None)
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, ValueError):  # ValueError: a field that breaks framing
             return Forwarded(error_response(502, "upstream unreachable"), None, None)
-        elapsed = perf_counter_ns() - started
         down = web.WebSocketResponse(
             protocols=(up.protocol,) if up.protocol else (),
             timeout=self._client_timeout,  # for the client's answer to a close

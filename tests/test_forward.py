@@ -861,6 +861,94 @@ async def test_websocket_close_propagates_both_ways(
     assert upstream.ws_closes == [4001, 4002]
 
 
+def ws_handshake(path: str) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+async def test_a_websocket_handshake_redirect_is_passed_on_not_followed(
+    start_pollguard: StartPollguard, upstream: Upstream, backend: StartBackend,
+    connect: Connect,
+) -> None:  # fmt: skip
+    elsewhere = f"{upstream.url}/ws"  # a WebSocket echo pollguard must never reach
+
+    async def redirect(request: Request) -> None:
+        if request.path == "/next":
+            request.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+            return
+        request.writer.write(
+            b"HTTP/1.1 302 Found\r\nLocation: %s\r\nContent-Length: 5\r\n\r\nmoved"
+            % elsewhere.encode()
+        )
+
+    up = await backend(redirect)
+    pg = await start_pollguard(upstream_url=up.url)
+    conn = await connect(pg)
+    await conn.send(ws_handshake("/chat"))
+    resp = await conn.response()
+    assert (resp.status, resp.get("Location"), resp.body) == (302, elsewhere, b"moved")
+    assert b"upgrade: websocket" in up.requests[0].head.lower()
+    await conn.send(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")  # still HTTP, still open
+    assert (await conn.response()).body == b"next"
+    assert up.paths() == ["/chat", "/next"]
+    assert upstream.raw_paths == []
+
+
+@pytest.mark.parametrize(
+    ("status", "framing"),
+    [(200, "length"), (200, "chunked"), (401, "length"), (404, "length")],
+    ids=["200", "200-chunked", "401", "404"],
+)
+async def test_a_refused_websocket_handshake_is_relayed_as_the_upstream_answered(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect,
+    status: int, framing: str,
+) -> None:  # fmt: skip
+    body = b'{"error": "no WebSocket here"}'
+
+    async def refuse(request: Request) -> None:
+        framed = (
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+            if framing == "chunked"
+            else b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        request.writer.write(
+            b"HTTP/1.1 %d Whatever\r\nContent-Type: application/json\r\n"
+            b'WWW-Authenticate: Bearer realm="api"\r\nSet-Cookie: a=1\r\n%s' % (status, framed)
+        )
+
+    up = await backend(refuse)
+    pg = await start_pollguard(upstream_url=up.url)
+    conn = await connect(pg)
+    await conn.send(ws_handshake("/test/status/ws-1"))
+    resp = await conn.response()
+    assert (resp.status, resp.body) == (status, body)
+    assert resp.head.startswith(b"HTTP/1.1 %d Whatever\r\n" % status)
+    assert resp.get("Content-Type") == "application/json"
+    assert resp.get("WWW-Authenticate") == 'Bearer realm="api"'
+    assert resp.get("Set-Cookie") == "a=1"
+    assert resp.get("X-Pollguard") is None
+    # the rule's status all the same: a 404 counts as a miss, a 200 resets
+    assert (await pg.pg.state.stats()).tracked == (status == 404)
+
+
+async def test_a_101_that_opens_no_websocket_is_a_502(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    async def bad_accept(request: Request) -> None:
+        request.writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: not-the-key\r\n\r\n"
+        )
+
+    up = await backend(bad_accept)
+    pg = await start_pollguard(upstream_url=up.url)
+    resp = await exchange(connect, pg, ws_handshake("/chat"))
+    assert resp.status == 502
+    assert json.loads(resp.body)["from"] == "pollguard"
+
+
 # --- 9. upstream dies mid-body ------------------------------------------------------------
 
 

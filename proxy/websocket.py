@@ -1,0 +1,84 @@
+"""The upstream side of a WebSocket: the handshake as a plain request, then aiohttp's frames.
+
+`ClientSession.ws_connect()` follows redirects (to any host: an open redirect on the
+backend would pipe the client into whatever it names) and has no switch against it,
+and it turns a refused handshake into an exception without the answer's fields and
+body. So forward.py sends the handshake as an ordinary request, redirects not followed,
+and relays any answer but 101 as it came (RFC 6455 4.1: it is an HTTP answer like any
+other). On a 101, `client_websocket()` does what `ws_connect()` does after its request
+(aiohttp 3.14, `ClientSession._ws_connect`): check the handshake, then read and write
+frames on the connection; those internals are why pyproject.toml pins aiohttp below 3.15.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+
+import aiohttp
+from aiohttp._websocket.reader import WebSocketDataQueue  # where ws_connect() takes it from
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.helpers import DEFAULT_CHUNK_SIZE
+from aiohttp.http import WS_KEY, WebSocketReader, WebSocketWriter
+from multidict import CIMultiDict
+
+# What the client said of its own WebSocket: pollguard ends it and opens its own upstream.
+CLIENT_HANDSHAKE = (
+    "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol",
+    "Sec-WebSocket-Extensions", "Sec-WebSocket-Accept",
+)  # fmt: skip
+
+
+def handshake(headers: CIMultiDict[str], protocols: list[str]) -> str:
+    """Turn the client's forwarded headers into pollguard's own opening handshake
+    (RFC 6455 4.1), in place; the key, to check the answer's Sec-WebSocket-Accept with."""
+    for name in CLIENT_HANDSHAKE:
+        headers.popall(name, None)
+    key = base64.b64encode(os.urandom(16)).decode()
+    headers["Upgrade"] = "websocket"
+    headers["Connection"] = "Upgrade"
+    headers["Sec-WebSocket-Version"] = "13"
+    headers["Sec-WebSocket-Key"] = key
+    if protocols:
+        headers["Sec-WebSocket-Protocol"] = ",".join(protocols)
+    return key
+
+
+def client_websocket(
+    up: aiohttp.ClientResponse, key: str, protocols: list[str], close_timeout: float
+) -> aiohttp.ClientWebSocketResponse:
+    """The WebSocket a 101 answer to handshake() opened (no messages size limit, no
+    automatic pings or closes: pollguard relays those); WSServerHandshakeError if the
+    answer does not open one."""
+    headers = up.headers
+    conn = up.connection
+    proto = conn.protocol if conn is not None else None
+    accept = base64.b64encode(hashlib.sha1(key.encode() + WS_KEY).digest()).decode()
+    connection = {t.strip().lower() for t in headers.get("Connection", "").split(",")}
+    if (
+        headers.get("Upgrade", "").lower() != "websocket"
+        or "upgrade" not in connection
+        or headers.get("Sec-WebSocket-Accept") != accept
+        or not isinstance(proto, ResponseHandler)
+        or not proto.upgraded  # the parser took it for HTTP: frames would be read as such
+        or proto.transport is None
+    ):
+        raise aiohttp.WSServerHandshakeError(
+            up.request_info, up.history, message="invalid WebSocket handshake",
+            status=up.status, headers=headers,
+        )  # fmt: skip
+    chosen = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",")]
+    protocol = next((p for p in chosen if p in protocols), None)
+    proto.read_timeout = None  # a WebSocket may stay quiet for as long as it likes
+    loop = asyncio.get_running_loop()
+    reader = WebSocketDataQueue(proto, DEFAULT_CHUNK_SIZE, loop=loop)
+    writer = WebSocketWriter(proto, proto.transport, use_mask=True)
+    ws: aiohttp.ClientWebSocketResponse = aiohttp.ClientWebSocketResponse(
+        reader, writer, protocol, up, aiohttp.ClientWSTimeout(ws_close=close_timeout),
+        autoclose=False, autoping=False, loop=loop,
+    )  # fmt: skip
+    ws._parser = WebSocketReader(reader, 0, compress=False, decode_text=True)
+    proto.set_parser(ws._parser, reader)
+    return ws
