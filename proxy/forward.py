@@ -32,7 +32,7 @@ from proxy.headers import (
 )
 from proxy.serving import ProxyConnection
 from proxy.upstream import UpstreamConnection, UpstreamPool
-from proxy.websocket import client_websocket, handshake
+from proxy.websocket import client_websocket, handshake, pump
 from proxy.wire import WireResponse, connection_line, date_line
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -372,7 +372,7 @@ class Forwarder:
         )
         async with up:
             await down.prepare(request)
-            await _pump_websockets(down, up)
+            await pump(down, up)
         return Forwarded(down, 101, elapsed)
 
 
@@ -416,45 +416,6 @@ def _relayed_fields(
     if conn is not None:
         conn.answer_fields = (raw, made)
     return made
-
-
-async def _pump_websockets(
-    down: web.WebSocketResponse, up: aiohttp.ClientWebSocketResponse
-) -> None:
-    """Copy frames both ways until either side closes; then close both with its code."""
-
-    async def copy(
-        src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-        dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-    ) -> None:
-        async for msg in src:  # ends on a close from src, or on its connection's loss
-            if msg.type is aiohttp.WSMsgType.TEXT:
-                await dst.send_str(msg.data)
-            elif msg.type is aiohttp.WSMsgType.BINARY:
-                await dst.send_bytes(msg.data)
-            elif msg.type is aiohttp.WSMsgType.PING:
-                await dst.ping(msg.data)
-            elif msg.type is aiohttp.WSMsgType.PONG:
-                await dst.pong(msg.data)
-
-    from_down = asyncio.ensure_future(copy(down, up))
-    from_up = asyncio.ensure_future(copy(up, down))
-    try:
-        await asyncio.wait((from_down, from_up), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        from_down.cancel()
-        from_up.cancel()
-        await asyncio.gather(from_down, from_up, return_exceptions=True)
-    code = (down if from_down.done() and not from_down.cancelled() else up).close_code
-    if code is None or code == 1005:  # no status given
-        code = aiohttp.WSCloseCode.OK
-    elif code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE:  # lost connection: not for the wire
-        code = aiohttp.WSCloseCode.INTERNAL_ERROR
-    # The upstream first: once the client's side is closed, aiohttp cancels this handler.
-    if not up.closed:
-        await up.close(code=code)
-    if not down.closed:
-        await down.close(code=code)
 
 
 class _Streamed(web.StreamResponse):

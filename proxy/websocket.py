@@ -1,4 +1,4 @@
-"""The upstream side of a WebSocket: the handshake as a plain request, then aiohttp's frames.
+"""WebSocket relaying: the upstream handshake as a plain request, then messages both ways.
 
 `ClientSession.ws_connect()` follows redirects (to any host: an open redirect on the
 backend would pipe the client into whatever it names) and has no switch against it,
@@ -8,6 +8,7 @@ and relays any answer but 101 as it came (RFC 6455 4.1: it is an HTTP answer lik
 other). On a 101, `client_websocket()` does what `ws_connect()` does after its request
 (aiohttp 3.14, `ClientSession._ws_connect`): check the handshake, then read and write
 frames on the connection; those internals are why pyproject.toml pins aiohttp below 3.15.
+`pump()` then copies messages between the client's WebSocket and the upstream's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import os
 
 import aiohttp
+from aiohttp import web
 from aiohttp._websocket.reader import WebSocketDataQueue  # where ws_connect() takes it from
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
@@ -82,3 +84,40 @@ def client_websocket(
     ws._parser = WebSocketReader(reader, 0, compress=False, decode_text=True)
     proto.set_parser(ws._parser, reader)
     return ws
+
+
+async def pump(down: web.WebSocketResponse, up: aiohttp.ClientWebSocketResponse) -> None:
+    """Copy frames both ways until either side closes; then close both with its code."""
+
+    async def copy(
+        src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    ) -> None:
+        async for msg in src:  # ends on a close from src, or on its connection's loss
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await dst.send_str(msg.data)
+            elif msg.type is aiohttp.WSMsgType.BINARY:
+                await dst.send_bytes(msg.data)
+            elif msg.type is aiohttp.WSMsgType.PING:
+                await dst.ping(msg.data)
+            elif msg.type is aiohttp.WSMsgType.PONG:
+                await dst.pong(msg.data)
+
+    from_down = asyncio.ensure_future(copy(down, up))
+    from_up = asyncio.ensure_future(copy(up, down))
+    try:
+        await asyncio.wait((from_down, from_up), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        from_down.cancel()
+        from_up.cancel()
+        await asyncio.gather(from_down, from_up, return_exceptions=True)
+    code = (down if from_down.done() and not from_down.cancelled() else up).close_code
+    if code is None or code == 1005:  # no status given
+        code = aiohttp.WSCloseCode.OK
+    elif code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE:  # lost connection: not for the wire
+        code = aiohttp.WSCloseCode.INTERNAL_ERROR
+    # The upstream first: once the client's side is closed, aiohttp cancels this handler.
+    if not up.closed:
+        await up.close(code=code)
+    if not down.closed:
+        await down.close(code=code)
