@@ -1,6 +1,7 @@
 """(method, raw path) -> (rule, task id): the key pollguard counts under. Pure, no I/O.
 
-Only the key is normalised; what is forwarded is always the raw path as received.
+Only the key is normalised; what is forwarded is always the raw path as received (an
+absolute-form target's path: forward.py sends it on in origin form).
 """
 
 from __future__ import annotations
@@ -74,6 +75,17 @@ def normalize(raw_path: str) -> list[str] | None:
     return out
 
 
+def origin_path(target: str) -> str | None:
+    """An absolute-form target's path (RFC 9112 3.2.2: `http://host/a/b?q` -> `/a/b`, the
+    query left out as matching ignores it), or None for a target of any other form."""
+    rest = target.partition("://")[2]
+    if not rest:
+        return None
+    rest = rest.partition("?")[0].partition("#")[0]  # the authority ends at "/", "?" or "#"
+    slash = rest.find("/")
+    return rest[slash:] if slash >= 0 else "/"
+
+
 def _pattern(template: Template) -> re.Pattern[str]:
     """The template as a regex over a path that needs no normalising (see Matcher.match)."""
     before = "".join("/" + re.escape(s) for s in template.before)
@@ -124,6 +136,13 @@ class Matcher:
         return self._match_segments(method, raw_path)
 
     def _match_segments(self, method: str, raw_path: str) -> tuple[Rule, str] | None:
+        if raw_path[:1] != "/":
+            # absolute-form, from a client taking pollguard for its proxy: the path it
+            # names is the one forwarded, so it counts and is blocked as the same poll
+            path = origin_path(raw_path)
+            if path is None:
+                return None
+            raw_path = path
         segments = normalize(raw_path)
         if segments is None:
             return None

@@ -33,6 +33,10 @@ MATCHER = Matcher(
         pytest.param("/test/%73tatus/lost-1", "lost-1", id="encoded-literal"),
         pytest.param("/test/status/a%2Fb", "a/b", id="encoded-slash-stays-in-segment"),
         pytest.param("/test/status/%E2%98%83", "\u2603", id="utf8"),
+        pytest.param("http://api.example.com/test/status/lost-1", "lost-1", id="absolute-form"),
+        pytest.param(
+            "HTTP://u@[::1]:8080//test/status/%6Cost-1/?x=/y#f", "lost-1", id="absolute-form-odd"
+        ),
         pytest.param(
             "/test/status/3e82324d-ca93-4a23-8405-2ddac30ef43a",
             "3e82324d-ca93-4a23-8405-2ddac30ef43a",
@@ -58,6 +62,9 @@ def test_variants_of_one_path_give_one_key(raw: str, key: str) -> None:
         pytest.param("GET", "/test/status/%ff", id="not-utf8"),
         pytest.param("GET", "/test/status/x/..", id="dot-dot-eats-the-id"),
         pytest.param("HEAD", "/api/jobs/1/state", id="method-of-other-rule"),
+        pytest.param("GET", "http://x?q=/test/status/x", id="absolute-form-query"),
+        pytest.param("GET", "http://test/status/x", id="absolute-form-authority"),
+        pytest.param("GET", "*", id="asterisk-form"),
     ],
 )
 def test_what_does_not_match(method: str, raw: str) -> None:

@@ -6,7 +6,7 @@ import json
 
 import aiohttp
 
-from tests.conftest import StartPollguard
+from tests.conftest import Connect, StartPollguard
 from tests.support import FakeClock, Upstream, rule_toml, ruleset
 
 
@@ -30,6 +30,24 @@ async def test_lost_task_is_answered_by_pollguard_after_five_misses(
     assert headers["Cache-Control"] == "no-store"
     assert json.loads(body) == {"error": "Task not found", "task_id": "lost-1", "terminal": True}
     assert upstream.hits_for("lost-1") == 5
+
+
+async def test_an_absolute_form_poll_counts_and_is_blocked_as_its_path(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect
+) -> None:
+    pg = await start_pollguard()
+    conn = await connect(pg)
+    statuses = []
+    for target in ["http://api.example.com/test/status/lost-1"] * 3 + ["/test/status/lost-1"] * 2:
+        await conn.send(f"GET {target} HTTP/1.1\r\nHost: api.example.com\r\n\r\n".encode())
+        statuses.append((await conn.response()).status)
+    await conn.send(b"GET http://other.example/test/status/lost-1/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    blocked = await conn.response()
+
+    assert statuses == [404] * 5
+    assert (blocked.status, blocked.get("X-Pollguard")) == (410, "blocked")
+    assert upstream.hits_for("lost-1") == 5
+    assert upstream.raw_paths == ["/test/status/lost-1"] * 5  # forwarded in origin form
 
 
 async def test_live_tasks_and_other_paths_are_untouched(
