@@ -2,7 +2,8 @@
 
 RFC 9110 7.6.1: `Connection` and every field it names (but Host and Content-Length,
 which it must not name), `Keep-Alive`, `TE`, `Transfer-Encoding`, `Upgrade` (but for
-WebSocket, handled in forward.py) and `Proxy-*` are for one hop only. Two forms of the same rules:
+WebSocket, handled in websocket.py) and `Proxy-*` are for one hop only. Two forms of the
+same rules:
 - `request_fields()` / `response_fields()` build the bytes for the wire straight from the
   fields as received, in their own case and bytes: the lean path (upstream.py, wire.py);
 - `request_headers()` / `response_headers()` give a CIMultiDict, for aiohttp's client and
