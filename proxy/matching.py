@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from proxy.rules import Rule
 
 PLACEHOLDER = "{task_id}"
+# The longest task id counted, in characters after decoding. The stores are bounded in
+# keys (--max-keys); an id as long as a request line allows (~8 KB) would make each key
+# ~80 times a UUID's size. A longer id matches no rule: forwarded, never counted.
+MAX_TASK_ID = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +94,7 @@ def _pattern(template: Template) -> re.Pattern[str]:
     """The template as a regex over a path that needs no normalising (see Matcher.match)."""
     before = "".join("/" + re.escape(s) for s in template.before)
     after = "".join("/" + re.escape(s) for s in template.after)
-    return re.compile(f"{before}/([^/]+){after}/?")
+    return re.compile(f"{before}/([^/]{{1,{MAX_TASK_ID}}}){after}/?")
 
 
 class Matcher:
@@ -155,5 +159,6 @@ class Matcher:
             t = rule.template
             n = len(t.before)
             if tuple(segments[:n]) == t.before and tuple(segments[n + 1 :]) == t.after:
-                return rule, segments[n]
+                task_id = segments[n]
+                return (rule, task_id) if len(task_id) <= MAX_TASK_ID else None
         return None

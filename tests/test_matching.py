@@ -58,6 +58,9 @@ def test_variants_of_one_path_give_one_key(raw: str, key: str) -> None:
         pytest.param("GET", "/test/status", id="no-id"),
         pytest.param("GET", "/test/status/", id="empty-id"),
         pytest.param("GET", "/test/status/x/y", id="too-long"),
+        pytest.param("GET", "/test/status/" + "a" * 257, id="id-over-256-characters"),
+        pytest.param("GET", "/test/status/%61" + "a" * 256, id="id-over-256-decoded"),
+        pytest.param("GET", "/test//status/" + "a" * 257, id="id-over-256-normalised"),
         pytest.param("GET", "/Test/status/x", id="case-matters"),
         pytest.param("GET", "/test/status/%ff", id="not-utf8"),
         pytest.param("GET", "/test/status/x/..", id="dot-dot-eats-the-id"),
@@ -69,6 +72,12 @@ def test_variants_of_one_path_give_one_key(raw: str, key: str) -> None:
 )
 def test_what_does_not_match(method: str, raw: str) -> None:
     assert MATCHER.match(method, raw) is None
+
+
+def test_an_id_of_256_characters_is_still_counted() -> None:
+    for raw in ("/test/status/" + "a" * 256, "/test//status/" + "a" * 256):
+        hit = MATCHER.match("GET", raw)
+        assert hit is not None and hit[1] == "a" * 256
 
 
 def test_placeholder_in_the_middle() -> None:
