@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from json.encoder import encode_basestring
@@ -127,22 +127,29 @@ def load_rules(path: str | Path) -> RuleSet:
         files = [p]
     else:
         raise RulesError([f"{p}: no such file or folder"])
-    texts = []
-    errors = []
-    for f in files:
-        try:
-            texts.append((str(f), f.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError) as exc:
-            errors.append(f"{f}: cannot read: {exc}")
-    if errors:
-        raise RulesError(errors)
-    return parse_rules(texts)
+    errors: list[str] = []
+
+    def read() -> Iterator[tuple[str, str]]:
+        # A file that cannot be read is one more error, in its place among the others'
+        # (check reports every error): the files after it are still parsed.
+        for f in files:
+            try:
+                text = f.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                errors.append(f"{f}: cannot read: {exc}")
+                continue
+            yield str(f), text
+
+    return _parse_all(read(), errors)
 
 
 def parse_rules(files: Iterable[tuple[str, str]]) -> RuleSet:
     """(file name, TOML text) pairs -> RuleSet, validated as a whole (names unique across files)."""
+    return _parse_all(files, [])
+
+
+def _parse_all(files: Iterable[tuple[str, str]], errors: list[str]) -> RuleSet:
     rules: list[Rule] = []
-    errors: list[str] = []
     seen: dict[str, str] = {}
     sources = []
     for source, text in files:

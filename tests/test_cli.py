@@ -49,6 +49,18 @@ def test_check_lists_every_error_and_exits_1(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_check_lists_the_errors_of_every_file_beside_an_unreadable_one(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_bytes(b"\xff\n")
+    (tmp_path / "b.toml").write_text(rule_toml(threshold=0))
+    (tmp_path / "c.toml").write_text("[[rule]\n")
+    done = run_cli("check", "--rules", str(tmp_path))
+    assert done.returncode == 1
+    a, b, c = done.stderr.splitlines()
+    assert a.startswith(f"{tmp_path}/a.toml: cannot read: ")
+    assert b == f'{tmp_path}/b.toml: rule "task-status": threshold: must be a positive integer, got 0'  # fmt: skip
+    assert c.startswith(f"{tmp_path}/c.toml: invalid TOML:")
+
+
 def test_check_reads_the_rules_env_var(tmp_path: Path) -> None:
     (tmp_path / "x.toml").write_text(rule_toml(name="from-env"))
     done = run_cli("check", POLLGUARD_RULES=str(tmp_path))

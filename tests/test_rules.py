@@ -215,6 +215,27 @@ def test_a_folder_is_read_in_name_order(tmp_path: Path) -> None:
     assert load_rules(tmp_path).names == ("a", "b")
 
 
+def test_an_unreadable_file_does_not_hide_the_errors_of_the_others(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_bytes(b"\xff" + rule_toml(name="a").encode())
+    (tmp_path / "b.toml").write_text(rule_toml(name="b", path="/b/{task_id}", threshold=0))
+    (tmp_path / "c.toml").write_text("[[rule]\n")
+    with pytest.raises(RulesError) as info:
+        load_rules(tmp_path)
+    a, b, c = info.value.errors
+    assert a.startswith(f"{tmp_path}/a.toml: cannot read: 'utf-8' codec can't decode byte 0xff")
+    assert b == f'{tmp_path}/b.toml: rule "b": threshold: must be a positive integer, got 0'
+    assert c.startswith(f"{tmp_path}/c.toml: invalid TOML: ")
+
+
+def test_an_unreadable_file_alone_is_its_only_error(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_bytes(b"\xff")
+    (tmp_path / "b.toml").write_text("# nothing yet\n")
+    with pytest.raises(RulesError) as info:
+        load_rules(tmp_path)
+    (message,) = info.value.errors  # not also "no [[rule]] defined": a.toml may hold some
+    assert message.startswith(f"{tmp_path}/a.toml: cannot read: ")
+
+
 def test_missing_and_empty_places_are_refused(tmp_path: Path) -> None:
     with pytest.raises(RulesError, match="no such file or folder"):
         load_rules(tmp_path / "nope")
