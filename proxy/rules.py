@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from proxy.errors import RulesError
 from proxy.matching import PLACEHOLDER, Template, parse_template
-from proxy.units import parse_duration
+from proxy.units import check_duration_max, parse_duration
 
 Mode = Literal["enforce", "observe"]
 
@@ -320,6 +320,10 @@ class _RuleReader:
         except ValueError:
             self.fail(key, f"must be {want}, got {value!r}")
             return 0.0
+        try:
+            check_duration_max(seconds, value)
+        except ValueError as exc:
+            self.fail(key, str(exc))
         if seconds == 0 and not allow_zero:
             self.fail(key, f"must be longer than 0, got {value!r}")
         return seconds

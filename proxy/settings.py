@@ -11,7 +11,7 @@ from typing import TypeVar
 from yarl import URL
 
 from proxy.errors import ConfigError
-from proxy.units import parse_duration, parse_size
+from proxy.units import check_duration_max, parse_duration, parse_size
 
 T = TypeVar("T")
 
@@ -91,7 +91,7 @@ def build_settings(values: dict[str, str | None]) -> Settings:
         workers=_opt(values, "workers", positive_int),
         client_timeout=_opt(values, "client_timeout", _positive_duration),
         max_body_size=_opt(values, "max_body_size", parse_size),
-        drain_timeout=_opt(values, "drain_timeout", parse_duration),
+        drain_timeout=_opt(values, "drain_timeout", _duration),
         access_log=_str(values, "access_log"),
     )
 
@@ -157,8 +157,14 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def _positive_duration(text: str) -> float:
+def _duration(text: str) -> float:
     seconds = parse_duration(text)
+    check_duration_max(seconds, text)
+    return seconds
+
+
+def _positive_duration(text: str) -> float:
+    seconds = _duration(text)
     if seconds <= 0:
         raise ValueError(f"must be longer than 0, got {text!r}")
     return seconds

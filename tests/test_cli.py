@@ -99,6 +99,15 @@ def _taken_port() -> tuple[socket.socket, int]:
             id="bad-duration",
         ),
         pytest.param(
+            ["--upstream", "http://127.0.0.1:5000", "--upstream-timeout", "9" * 400 + "d"], {},
+            f"--upstream-timeout: must be at most 365d, got '{'9' * 400}d'",
+            id="infinite-duration",
+        ),
+        pytest.param(
+            [], {"POLLGUARD_UPSTREAM": "http://127.0.0.1:5000", "POLLGUARD_DRAIN_TIMEOUT": "366d"},
+            "--drain-timeout: must be at most 365d, got '366d'", id="long-drain-from-env",
+        ),
+        pytest.param(
             ["--upstream", "http://127.0.0.1:5000", "--max-keys", "0"], {},
             "--max-keys: expected an integer >= 1, got '0'", id="bad-max-keys",
         ),

@@ -64,6 +64,12 @@ def test_every_key_is_read() -> None:
     assert rule.response.headers == (("Retry-After", "3600"),)
 
 
+def test_durations_may_be_a_year_long() -> None:
+    text = rule_toml(grace="365d", window="8760h", block_for="365d", probe_every="525600m")
+    rule = parse_rules([("r.toml", text)]).rules[0]
+    assert rule.grace == rule.window == rule.block_for == rule.probe_every == 365 * 86400
+
+
 def test_body_fills_the_task_id_json_escaped() -> None:
     rule = parse_rules([("r.toml", rule_toml())]).rules[0]
     body = rule.response.render('x"\\\n\u2603')
@@ -102,6 +108,26 @@ def test_body_fills_the_task_id_json_escaped() -> None:
             {"block_for": "0s"},
             f"{WHERE}: block_for: must be longer than 0, got '0s'",
             id="zero-block",
+        ),
+        pytest.param(
+            {"block_for": "99999999999999999999d"},
+            f"{WHERE}: block_for: must be at most 365d, got '99999999999999999999d'",
+            id="block-too-long",
+        ),
+        pytest.param(
+            {"window": "365d1ms"},
+            f"{WHERE}: window: must be at most 365d, got '365d1ms'",
+            id="window-too-long",
+        ),
+        pytest.param(
+            {"grace": "9" * 400 + "d"},  # float("9" * 400) is infinity
+            f"{WHERE}: grace: must be at most 365d, got '{'9' * 400}d'",
+            id="grace-infinite",
+        ),
+        pytest.param(
+            {"probe_every": "8761h"},
+            f"{WHERE}: probe_every: must be at most 365d, got '8761h'",
+            id="probe-too-long",
         ),
         pytest.param(
             {"probe_every": "never"},

@@ -10,7 +10,7 @@ import pytest
 from proxy import guard
 from proxy.guard import Action, KeyState, Outcome
 from proxy.rules import Rule
-from proxy.state import StateStore
+from proxy.state import Block, StateStore
 from tests.conftest import MakeStore
 from tests.support import FakeClock, rule_toml, ruleset
 
@@ -144,6 +144,18 @@ async def test_threshold_after_2xx_and_no_grace_for_a_key_seen_alive(store: Stat
     assert (await store.record(rule, "t", 404)).blocked
     # a key never seen alive waits for its grace, whatever the count
     assert not (await misses(store, rule, "new", 6)).blocked
+
+
+async def test_the_longest_durations_a_rule_may_give(store: StateStore, clock: FakeClock) -> None:
+    # 365d, the most rules.py takes: Redis must still take the expiry (PEXPIRE in ms)
+    rule = make_rule(threshold=2, window="365d", block_for="365d", probe_every="365d")
+    year = 365 * 86400
+    await store.record(rule, "t", 404)
+    clock.advance(year - 1)
+    assert (await store.record(rule, "t", 404)).blocked  # within the window of the first
+    assert await store.blocks() == [Block("task-status", "t", 2, clock.now + year)]
+    clock.advance(year - 1)
+    assert await store.admit(rule, "t") is Action.BLOCK
 
 
 async def test_unblock(store: StateStore) -> None:
