@@ -117,10 +117,15 @@ class RuleSet:
 
 
 def load_rules(path: str | Path) -> RuleSet:
-    """A .toml file, or every *.toml in a folder in name order; RulesError lists every problem."""
+    """A .toml file, or every *.toml in a folder in name order; RulesError lists every problem.
+
+    In a folder, names starting with "." are skipped, as glob(3) and nginx's `include
+    *.conf` do: editors' lock and swap files (`.#status.toml`), macOS's AppleDouble
+    files (`._status.toml`).
+    """
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.glob("*.toml") if f.is_file())
+        files = sorted(f for f in p.glob("*.toml") if not f.name.startswith(".") and f.is_file())
         if not files:
             raise RulesError([f"{p}: no *.toml rule files in this folder"])
     elif p.is_file():

@@ -262,6 +262,23 @@ def test_an_unreadable_file_alone_is_its_only_error(tmp_path: Path) -> None:
     assert message.startswith(f"{tmp_path}/a.toml: cannot read: ")
 
 
+def test_a_folder_skips_hidden_files(tmp_path: Path) -> None:
+    (tmp_path / "status.toml").write_text(rule_toml())
+    (tmp_path / "._status.toml").write_bytes(b"\x00\x05\x16\x07\xff")  # macOS AppleDouble
+    (tmp_path / ".#status.toml").write_text("root@host.1234:1700000000")  # emacs lock
+    rules = load_rules(tmp_path)
+    assert rules.names == ("task-status",)
+    assert rules.sources == (str(tmp_path / "status.toml"),)
+    (tmp_path / "status.toml").unlink()
+    with pytest.raises(RulesError, match=r"no \*\.toml rule files"):
+        load_rules(tmp_path)
+
+
+def test_a_hidden_file_named_itself_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".status.toml").write_text(rule_toml())
+    assert load_rules(tmp_path / ".status.toml").names == ("task-status",)
+
+
 def test_missing_and_empty_places_are_refused(tmp_path: Path) -> None:
     with pytest.raises(RulesError, match="no such file or folder"):
         load_rules(tmp_path / "nope")
