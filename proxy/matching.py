@@ -20,6 +20,7 @@ PLACEHOLDER = "{task_id}"
 # keys (--max-keys); an id as long as a request line allows (~8 KB) would make each key
 # ~80 times a UUID's size. A longer id matches no rule: forwarded, never counted.
 MAX_TASK_ID = 256
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +51,29 @@ def parse_template(path: str) -> Template:
         raise ValueError(f"only {PLACEHOLDER} may be in braces, got {path!r}")
     if any(s in (".", "..") for s in literals):
         raise ValueError(f"must not contain '.' or '..' segments, got {path!r}")
+    if any(_ESCAPE.search(s) for s in literals):
+        # Requests are compared decoded (normalize()): an escape here could never match.
+        raise ValueError(
+            "must be written without percent-escapes (requests are matched decoded)"
+            f"{_decoded(path)}, got {path!r}"
+        )
     i = segments.index(PLACEHOLDER)
     return Template(tuple(segments[:i]), tuple(segments[i + 1 :]))
+
+
+def _decoded(path: str) -> str:
+    """`, e.g. '/status/{task_id}'` for `/st%61tus/{task_id}`, where one can be written."""
+    try:
+        decoded = unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        return ""
+    if decoded.count("/") != path.count("/") or _ESCAPE.search(decoded):
+        return ""  # an encoded '/' (or '%') has no decoded spelling in a template
+    try:
+        parse_template(decoded)
+    except ValueError:
+        return ""  # decoded to '..' or braces: no spelling to suggest
+    return f", e.g. {decoded!r}"
 
 
 def normalize(raw_path: str) -> list[str] | None:

@@ -91,6 +91,41 @@ def test_first_rule_in_order_wins() -> None:
     assert hit is not None and hit[0].name == "first"
 
 
+def test_literal_segments_are_written_decoded_and_match_encoded_requests() -> None:
+    matcher = Matcher(
+        ruleset(
+            rule_toml(name="accents", path="/t\u00e2ches/{task_id}"),
+            rule_toml(name="percent", path="/100%/{task_id}"),  # a bare '%' is no escape
+        ).rules
+    )
+    for raw in ("/t%C3%A2ches/x", "/t%c3%a2ches/x/"):
+        hit = matcher.match("GET", raw)
+        assert hit is not None and (hit[0].name, hit[1]) == ("accents", "x"), raw
+    for raw in ("/100%25/x", "/100%/x"):
+        hit = matcher.match("GET", raw)
+        assert hit is not None and (hit[0].name, hit[1]) == ("percent", "x"), raw
+
+
+@pytest.mark.parametrize(
+    ("path", "hint"),
+    [
+        pytest.param("/st%61tus/{task_id}", ", e.g. '/status/{task_id}'", id="ascii"),
+        pytest.param("/t%C3%A2ches/{task_id}", ", e.g. '/t\u00e2ches/{task_id}'", id="utf8"),
+        pytest.param("/{task_id}/%73tate", ", e.g. '/{task_id}/state'", id="after-the-id"),
+        pytest.param("/a%2fb/{task_id}", "", id="encoded-slash"),
+        pytest.param("/a%ff/{task_id}", "", id="not-utf8"),
+        pytest.param("/%2e%2e/{task_id}", "", id="encoded-dot-dot"),
+    ],
+)
+def test_a_percent_escape_in_a_literal_segment_is_refused(path: str, hint: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_template(path)
+    assert str(info.value) == (
+        f"must be written without percent-escapes (requests are matched decoded){hint}, "
+        f"got {path!r}"
+    )
+
+
 def test_normalize_returns_segments() -> None:
     assert normalize("/a//b/./c/../d/?q") == ["a", "b", "d"]
     assert normalize("/") == []

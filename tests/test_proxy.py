@@ -128,6 +128,18 @@ async def test_path_variants_share_one_key_and_are_forwarded_byte_for_byte(
     assert (await get(http, pg.url("/test/status/%2e%2e/status/lost-1")))[0] == 410
 
 
+async def test_a_rule_path_written_decoded_matches_requests_sent_encoded(
+    start_pollguard: StartPollguard, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    # rules.py refuses "/t%C3%A2ches/{task_id}" (it could never match): this is the spelling
+    pg = await start_pollguard(ruleset(rule_toml(path="/t\u00e2ches/{task_id}", threshold=2)))
+    assert (await get(http, pg.url("/t%C3%A2ches/k1")))[0] == 404
+    assert (await get(http, pg.url("/t%c3%a2ches//k1/")))[0] == 404
+    status, headers, _ = await get(http, pg.url("/t%C3%A2ches/k1"))
+    assert (status, headers["X-Pollguard"]) == (410, "blocked")
+    assert upstream.raw_paths == ["/t%C3%A2ches/k1", "/t%c3%a2ches//k1/"]
+
+
 async def test_a_probe_finds_the_task_back_and_unblocks_it(
     start_pollguard: StartPollguard,
     upstream: Upstream,

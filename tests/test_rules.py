@@ -170,6 +170,16 @@ def test_body_fills_the_task_id_json_escaped() -> None:
             id="path-relative",
         ),
         pytest.param(
+            {"path": "/test/st%61tus/{task_id}"},
+            f"{WHERE}: path: must be written without percent-escapes (requests are matched decoded), e.g. '/test/status/{{task_id}}', got '/test/st%61tus/{{task_id}}'",
+            id="path-percent-encoded",
+        ),
+        pytest.param(
+            {"path": "/a%2Fb/{task_id}"},
+            f"{WHERE}: path: must be written without percent-escapes (requests are matched decoded), got '/a%2Fb/{{task_id}}'",
+            id="path-encoded-slash",
+        ),
+        pytest.param(
             {"response": {"status": 204}},
             f"{WHERE}: response.status: must be a status from 200 to 599 that carries a body, got 204",
             id="response-204",
