@@ -156,6 +156,7 @@ def parse_rules(files: Iterable[tuple[str, str]]) -> RuleSet:
 def _parse_all(files: Iterable[tuple[str, str]], errors: list[str]) -> RuleSet:
     rules: list[Rule] = []
     seen: dict[str, str] = {}
+    by_path: dict[Template, list[Rule]] = {}
     sources = []
     for source, text in files:
         sources.append(source)
@@ -166,12 +167,32 @@ def _parse_all(files: Iterable[tuple[str, str]], errors: list[str]) -> RuleSet:
                 )
                 continue
             seen[rule.name] = source
+            same_path = by_path.setdefault(rule.template, [])
+            shadowing = _shadowing(rule, same_path)
+            if shadowing:
+                errors.append(
+                    f'{source}: rule "{rule.name}": path: never matches: {shadowing} the same '
+                    "path and methods first"
+                )
+            same_path.append(rule)
             rules.append(rule)
     if not errors and not rules:
         errors.append(f"{', '.join(sources) or 'rules'}: no [[rule]] defined")
     if errors:
         raise RulesError(errors)
     return RuleSet(tuple(rules), tuple(sources))
+
+
+def _shadowing(rule: Rule, earlier: list[Rule]) -> str:
+    """Who takes every request `rule` would match ("" if no one): the first rule a
+    request matches wins, so a rule whose methods the earlier rules on the same path
+    (normalised: Template) cover between them is dead."""
+    if not earlier or not rule.methods <= frozenset().union(*(r.methods for r in earlier)):
+        return ""
+    takers = [f'rule "{r.name}" ({r.source})' for r in earlier if r.methods & rule.methods]
+    if len(takers) == 1:
+        return f"{takers[0]} takes"
+    return f"{', '.join(takers[:-1])} and {takers[-1]} take"
 
 
 def _parse_file(source: str, text: str, errors: list[str]) -> list[Rule]:

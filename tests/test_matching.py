@@ -86,9 +86,11 @@ def test_placeholder_in_the_middle() -> None:
 
 
 def test_first_rule_in_order_wins() -> None:
-    matcher = Matcher(ruleset(rule_toml(name="first"), rule_toml(name="second")).rules)
-    hit = matcher.match("GET", "/test/status/x")
-    assert hit is not None and hit[0].name == "first"
+    second = rule_toml(name="second", methods=["GET", "POST"])  # all GET would never match
+    matcher = Matcher(ruleset(rule_toml(name="first"), second).rules)
+    for method, name in (("GET", "first"), ("HEAD", "first"), ("POST", "second")):
+        hit = matcher.match(method, "/test/status/x")
+        assert hit is not None and hit[0].name == name, method
 
 
 def test_literal_segments_are_written_decoded_and_match_encoded_requests() -> None:

@@ -244,6 +244,50 @@ def test_names_are_unique_across_files() -> None:
     assert info.value.errors == ['b.toml: rule "task-status": name: already used in a.toml']
 
 
+def test_a_rule_that_an_earlier_one_hides_is_refused() -> None:
+    assert errors_of(rule_toml(name="a") + rule_toml(name="a2", methods=["GET"])) == [
+        'r.toml: rule "a2": path: never matches: rule "a" (r.toml) takes the same path and '
+        "methods first"
+    ]
+
+
+def test_hiding_is_found_across_files_after_normalising_the_path() -> None:
+    hidden = rule_toml(name="a2", path="/test//status/{task_id}/", methods=["head", "GET"])
+    with pytest.raises(RulesError) as info:
+        parse_rules([("a.toml", rule_toml(name="a")), ("b.toml", hidden)])
+    assert info.value.errors == [
+        'b.toml: rule "a2": path: never matches: rule "a" (a.toml) takes the same path and '
+        "methods first"
+    ]
+
+
+def test_a_rule_hidden_by_several_earlier_ones_names_them_all() -> None:
+    text = (
+        rule_toml(name="get", methods=["GET"])
+        + rule_toml(name="post", methods=["POST"])
+        + rule_toml(name="head", methods=["HEAD"])
+        + rule_toml(name="both", methods=["GET", "HEAD"])
+    )
+    assert errors_of(text) == [
+        'r.toml: rule "both": path: never matches: rule "get" (r.toml) and rule "head" '
+        "(r.toml) take the same path and methods first"
+    ]
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        pytest.param({"methods": ["GET", "POST"]}, id="a-method-more"),
+        pytest.param({"path": "/test/status/{task_id}/state"}, id="longer-path"),
+        pytest.param({"path": "/test/{task_id}/x"}, id="overlapping-path"),
+        pytest.param({"path": "/{task_id}/status/x"}, id="id-elsewhere"),
+    ],
+)
+def test_rules_that_still_match_something_are_kept(second: dict[str, object]) -> None:
+    rules = parse_rules([("r.toml", rule_toml(name="a") + rule_toml(name="b", **second))])  # type: ignore[arg-type]
+    assert rules.names == ("a", "b")
+
+
 def test_a_folder_is_read_in_name_order(tmp_path: Path) -> None:
     (tmp_path / "20-b.toml").write_text(rule_toml(name="b", path="/b/{task_id}"))
     (tmp_path / "10-a.toml").write_text(rule_toml(name="a", path="/a/{task_id}"))
