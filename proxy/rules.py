@@ -400,6 +400,8 @@ def _check_headers(headers: object, bad: Callable[[str, str], None]) -> None:
             bad("headers", f"{name!r} is not a valid header name")
         elif name.lower() in _FRAMING_HEADERS:
             bad("headers", f"{name!r} is set by pollguard (use response.content_type for the type)")
+        elif name.lower() == "x-pollguard":
+            bad("headers", f"{name!r} is set by pollguard (X-Pollguard: blocked, on every answer)")
         elif not _is_header_value(value):
             bad("headers", f"{name}: must be text without control characters, got {value!r}")
 

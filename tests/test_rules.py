@@ -190,6 +190,11 @@ def test_body_fills_the_task_id_json_escaped() -> None:
             id="response-framing-header",
         ),
         pytest.param(
+            {"response": {"headers": {"x-POLLGUARD": "gone"}}},
+            f"{WHERE}: response.headers: 'x-POLLGUARD' is set by pollguard (X-Pollguard: blocked, on every answer)",
+            id="response-marker-header",
+        ),
+        pytest.param(
             {"response": {"headers": {"X-A": "a\r\nb"}}},
             f"{WHERE}: response.headers: X-A: must be text without control characters, got 'a\\r\\nb'",
             id="response-header-injection",
