@@ -374,7 +374,8 @@ class _RuleReader:
                 )
         default = Response()
         status = raw.get("status", default.status)
-        if not _is_int(status) or not 200 <= status <= 599 or status in (204, 304):
+        # RFC 9110 15.3.5, 15.3.6, 15.4.5: 204, 205 and 304 carry no content
+        if not _is_int(status) or not 200 <= status <= 599 or status in (204, 205, 304):
             bad("status", f"must be a status from 200 to 599 that carries a body, got {status!r}")
         content_type = raw.get("content_type", default.content_type)
         if not _is_header_value(content_type) or not content_type:

@@ -185,6 +185,11 @@ def test_body_fills_the_task_id_json_escaped() -> None:
             id="response-204",
         ),
         pytest.param(
+            {"response": {"status": 205}},
+            f"{WHERE}: response.status: must be a status from 200 to 599 that carries a body, got 205",
+            id="response-205",
+        ),
+        pytest.param(
             {"response": {"headers": {"Content-Length": "3"}}},
             f"{WHERE}: response.headers: 'Content-Length' is set by pollguard (use response.content_type for the type)",
             id="response-framing-header",
