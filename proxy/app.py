@@ -107,9 +107,10 @@ class ProxyHandler:
 
     async def _record(self, rule: Rule, task_id: str, status: int, metrics: RuleMetrics) -> None:
         # A reload while the request was upstream: the rules in force now decide, and a
-        # removed rule leaves no key behind (retain() has already dropped its others).
+        # removed rule, or one whose path or miss statuses changed (the task id was cut
+        # out by the old path), leaves no key behind: retain() has already dropped its others.
         current = self._by_name.get(rule.name)
-        if current is None:
+        if current is None or current.scope != rule.scope:
             return
         rule = current
         try:
@@ -188,7 +189,8 @@ class Pollguard:
         """Read settings.rules again and swap the new set in whole.
 
         RulesError (every problem, logged and counted) leaves the old rules in force.
-        Keys of a kept rule keep their state; a removed or renamed rule's keys are dropped.
+        Keys of a kept rule keep their state; a removed or renamed rule's keys are dropped,
+        and so are those of a rule whose path or miss_statuses changed (Rule.scope).
         """
         async with self._reload_lock:  # two reloads at once could swap in the older set last
             try:
@@ -207,8 +209,8 @@ class Pollguard:
             except StateError as exc:
                 self.metrics.state_errors.inc()
                 log.warning(
-                    "rules reloaded, but the state store could not drop removed rules' keys; "
-                    "they expire on their own",
+                    "rules reloaded, but the state store could not drop the keys of removed "
+                    "or changed rules; they expire on their own",
                     extra={"event": "state_error", "error": str(exc)},
                 )
             self.metrics.rules_reloads.labels("ok").inc()

@@ -93,6 +93,15 @@ class Rule:
     mode: Mode = "enforce"
     response: Response = field(default_factory=Response)
     source: str = ""
+    # What the rule's keys stand for: task ids cut out of requests by `template`, counted
+    # on `miss_statuses`. A reload keeps a rule's keys only while its scope stays the same;
+    # otherwise they would stand for requests that never missed.
+    scope: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        route = "/".join(("", *self.template.before, PLACEHOLDER, *self.template.after))
+        statuses = ",".join(str(s) for s in sorted(self.miss_statuses))
+        object.__setattr__(self, "scope", f"{route} {statuses}")
 
 
 @dataclass(frozen=True, slots=True)

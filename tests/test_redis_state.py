@@ -140,6 +140,20 @@ async def test_an_unblock_holds_on_every_replica_within_the_cache_lifetime(
     assert await b.blocks() == []
 
 
+async def test_a_seen_alive_flag_counts_only_for_the_rule_scope_it_was_set_under(
+    redis_server: RedisServer, make_state: MakeState
+) -> None:
+    # Flags outlive a process and have no index to drop them by: each carries its rule's
+    # scope, so after a restart (or on a replica) with the path moved, the flag is ignored.
+    rule = ruleset(rule_toml(threshold=3, threshold_after_2xx=1)).rules[0]
+    moved = ruleset(rule_toml(path="/api/jobs/{task_id}", threshold=3, threshold_after_2xx=1))
+    await make_state(redis_server.url()).record(rule, "t", 200)
+    await make_state(redis_server.url()).record(rule, "u", 200)
+
+    assert not (await make_state(redis_server.url()).record(moved.rules[0], "t", 404)).blocked
+    assert (await make_state(redis_server.url()).record(rule, "u", 404)).blocked
+
+
 async def test_one_probe_across_replicas(
     redis_server: RedisServer, make_state: MakeState, clock: FakeClock
 ) -> None:

@@ -17,7 +17,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
+from proxy.state import StateStore
+from proxy.state.memory import MemoryState
+from proxy.state.redis import RedisState
 from tests.conftest import Running, StartPollguard
+from tests.processes import RedisServer
 from tests.support import EPOCH, FakeClock, ServeProcess, Upstream, rule_toml
 
 
@@ -228,6 +232,72 @@ async def test_removed_and_renamed_rules_lose_their_keys_kept_rules_keep_theirs(
     assert 'pollguard_blocked_keys{rule="new-name"} 1.0' in text
     [done] = events.named("rules_reloaded")
     assert (done["added"], done["removed"]) == (["new-name"], ["jobs", "old-name"])
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_rule_whose_path_or_misses_changed_loses_its_keys(
+    start: StartReloadable,
+    rules_dir: RulesDir,
+    http: aiohttp.ClientSession,
+    events: Events,
+    clock: FakeClock,
+    request: pytest.FixtureRequest,
+    kind: str,
+) -> None:
+    state: StateStore = MemoryState(clock=clock)
+    if kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        state = RedisState(server.url(), clock=clock, timeout=1.0)
+    jobs = rule_toml(name="jobs", path="/jobs/{task_id}", threshold=2)
+    kept = rule_toml(name="kept", path="/kept/{task_id}", threshold=2)
+    pg = await start(rule_toml(threshold=2), jobs, kept, state=state)
+    for path in ("/test/status/k1", "/jobs/k1", "/kept/k1"):
+        assert await statuses(http, pg.url(path), 3) == [404, 404, 410], path
+    for path in ("/test/status/k2", "/jobs/k2", "/kept/k2"):
+        assert await status_of(http, pg.url(path)) == 404, path
+
+    rules_dir.write(
+        rule_toml(path="/api/jobs/{task_id}", threshold=2),
+        rule_toml(name="jobs", path="/jobs/{task_id}", miss_statuses=[404, 410], threshold=2),
+        rule_toml(name="kept", path="/kept/{task_id}", threshold=3),
+    )
+    assert await reload(http, pg) == (200, {"rules": 3})
+
+    async with http.get(pg.admin("/admin/blocks")) as resp:
+        assert [(b["rule"], b["task_id"]) for b in (await resp.json())["blocks"]] == [
+            ("kept", "k1")
+        ]
+    # k1 was blocked under /test/status/{task_id}: /api/jobs/k1 was never asked for
+    assert await statuses(http, pg.url("/api/jobs/k1"), 3) == [404, 404, 410]
+    assert await statuses(http, pg.url("/api/jobs/k2"), 3) == [404, 404, 410]  # from 0
+    assert await statuses(http, pg.url("/jobs/k1"), 3) == [404, 404, 410]
+    assert await statuses(http, pg.url("/jobs/k2"), 3) == [404, 404, 410]
+    assert await status_of(http, pg.url("/kept/k1")) == 410
+    assert await statuses(http, pg.url("/kept/k2"), 3) == [404, 404, 410]  # 1 + 2 = 3
+    [done] = events.named("rules_reloaded")
+    assert (done["changed"], done["added"], done["removed"]) == (
+        ["task-status", "jobs", "kept"],
+        [],
+        [],
+    )
+
+
+async def test_a_request_in_flight_when_its_rule_moves_leaves_no_key(
+    start: StartReloadable, rules_dir: RulesDir, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    pg = await start(rule_toml(threshold=1))
+    upstream.delay = 0.5
+    in_flight = asyncio.create_task(status_of(http, pg.url("/test/status/late")))
+    async with asyncio.timeout(5):
+        while not upstream.hits_for("late"):
+            await asyncio.sleep(0.01)
+
+    rules_dir.write(rule_toml(path="/api/jobs/{task_id}", threshold=1))
+    assert await reload(http, pg) == (200, {"rules": 1})
+
+    assert await in_flight == 404
+    assert (await pg.pg.state.stats()).tracked == 0
+    assert await status_of(http, pg.url("/api/jobs/late")) == 404  # its first miss, not a 410
 
 
 async def test_a_request_in_flight_across_a_reload_leaves_no_key_of_a_removed_rule(

@@ -220,6 +220,40 @@ async def test_retain_drops_the_state_of_removed_rules(store: StateStore) -> Non
     assert await store.admit(a, "x") is Action.BLOCK
 
 
+async def test_retain_drops_the_state_of_a_rule_whose_path_or_misses_changed(
+    store: StateStore,
+) -> None:
+    def rule(name: str, **keys: object) -> Rule:
+        path = f"/{name}/{{task_id}}"
+        return make_rule(**{"name": name, "path": path, "threshold": 2, "threshold_after_2xx": 1, **keys})  # fmt: skip
+
+    moved, missed, kept = rule("moved"), rule("missed"), rule("kept")
+    await store.retain([moved, missed, kept])
+    for r in (moved, missed, kept):
+        await misses(store, r, "blocked", 2)
+        await store.record(r, "counting", 404)
+        await store.record(r, "alive", 200)
+    assert (await store.stats()).tracked == 6
+
+    # a key is a task id cut out of a path and counted on miss_statuses: with either
+    # changed, the rule's keys would stand for requests that never missed
+    moved = rule("moved", path="/api/jobs/{task_id}")
+    missed = rule("missed", miss_statuses=[404, 410])
+    kept = rule("kept", path="/kept//{task_id}/", threshold=3)  # the same template
+    await store.retain([moved, missed, kept])
+
+    assert [(b.rule, b.task_id) for b in await store.blocks()] == [("kept", "blocked")]
+    assert (await store.stats()).tracked == 2
+    for r in (moved, missed):
+        assert await store.admit(r, "blocked") is Action.FORWARD
+        assert (await store.record(r, "counting", 404)).state.misses == 1  # type: ignore[union-attr]
+        # not seen alive any more: threshold (2) applies, not threshold_after_2xx (1)
+        assert not (await store.record(r, "alive", 404)).blocked
+    assert await store.admit(kept, "blocked") is Action.BLOCK
+    assert (await store.record(kept, "counting", 404)).state.misses == 2  # type: ignore[union-attr]
+    assert (await store.record(kept, "alive", 404)).blocked
+
+
 async def test_the_store_agrees_with_the_guard_engine_step_for_step(
     make_store: MakeStore, clock: FakeClock
 ) -> None:

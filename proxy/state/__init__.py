@@ -68,7 +68,8 @@ class StateStore(Protocol):
         ...
 
     async def retain(self, rules: Collection[Rule]) -> None:
-        """After a reload: keep state of these rules (by name), drop every other rule's."""
+        """After a reload: keep state of these rules (by name), drop every other rule's,
+        and that of a rule whose scope (path, miss statuses) changed since the last call."""
         ...
 
     async def ping(self) -> None:

@@ -40,6 +40,7 @@ class MemoryState:
         # Only ever read to choose threshold_after_2xx over threshold; losing an entry
         # falls back to the stricter first-sight rules, never to a wrong block.
         self._alive: LRUCache[Key, bool] = LRUCache(maxsize=max_keys)
+        self._scopes: dict[str, str] = {}  # rule name -> its scope as of the last retain()
 
     async def admit(self, rule: Rule, task_id: str) -> Action:
         return self.admit_sync(rule, task_id)
@@ -107,11 +108,13 @@ class MemoryState:
         return Stats(tracked=len(self._counts) + len(self._blocks), blocked=dict(per_rule))
 
     async def retain(self, rules: Collection[Rule]) -> None:
-        keep = {r.name for r in rules}
-        self._counts.retain(rules)
+        kept = [r for r in rules if self._scopes.get(r.name, r.scope) == r.scope]
+        keep = {r.name for r in kept}
+        self._counts.retain(kept)
         for cache in (self._blocks, self._alive):
             for key in [k for k in cache if k[0] not in keep]:
                 cache.pop(key, None)
+        self._scopes = {r.name: r.scope for r in rules}
 
     async def ping(self) -> None:
         return None

@@ -6,12 +6,13 @@
 -- clock in seconds, written with %.17g so they read back bit for bit.
 --
 -- KEYS[1]  the key's state hash
--- KEYS[2]  the key's seen-alive flag
+-- KEYS[2]  the key's seen-alive flag (its value: the rule's scope tag)
 -- KEYS[3]  the rule's counting index (zset: task id -> when the count lapses)
 -- KEYS[4]  the rule's blocked index (zset: task id -> blocked_until)
 -- ARGV     now, kind ("ok": 2xx, "miss", "other"), task id, window, threshold,
 --          threshold_after_2xx, grace, block_for, probe_every ("inf" when off),
---          seen-alive lifetime in ms
+--          seen-alive lifetime in ms, the rule's scope tag (a flag set under another
+--          path or other miss statuses is not this rule's to trust)
 --
 -- Returns {miss, blocked, unblocked, alive} ("0"/"1"), then m, f, l, b, p when a state is kept.
 
@@ -91,7 +92,7 @@ if kind == 'ok' then
     redis.call('ZREM', KEYS[3], id)
     redis.call('ZREM', KEYS[4], id)
   end
-  redis.call('SET', KEYS[2], '1', 'PX', ARGV[10])
+  redis.call('SET', KEYS[2], ARGV[11], 'PX', ARGV[10])
   return {'0', '0', was_blocked and '1' or '0', '1'}
 end
 
@@ -104,7 +105,7 @@ if s ~= nil and s.b ~= 0 then
   return reply({'1', '0', '0', '0'}, s)
 end
 
-local alive = redis.call('EXISTS', KEYS[2]) == 1
+local alive = redis.call('GET', KEYS[2]) == ARGV[11]
 local misses, first
 if s == nil then
   misses, first = 1, now

@@ -3,7 +3,10 @@
 Keys, all under one prefix and hash-tagged by rule (every script touches one rule only):
 
     pollguard:{rule}:k:<task id>   hash m f l b p: guard.KeyState; expires with guard.expires()
-    pollguard:{rule}:a:<task id>   seen answered 2xx; expires `alive_ttl` after the last 2xx
+    pollguard:{rule}:a:<task id>   seen answered 2xx; expires `alive_ttl` after the last 2xx.
+                                   Its value tags Rule.scope: flags have no index to drop
+                                   them by, and one set before the rule's path or miss
+                                   statuses changed is not trusted
     pollguard:{rule}:counting      zset task id -> when its count lapses    (the gauges' index:
     pollguard:{rule}:blocked       zset task id -> blocked_until             trimmed, never scanned)
 
@@ -16,9 +19,11 @@ repeat polls of a blocked key are answered without Redis.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Collection
 from importlib import resources
 from typing import Any, TypeVar
@@ -128,7 +133,7 @@ class RedisState:
             maxsize=cache_size, ttl=alive_ttl / 2, timer=clock
         )
         self._refreshing: dict[Key, asyncio.Task[None]] = {}
-        self._rules: dict[str, None] = {}  # rule names this process knows, in order
+        self._rules: dict[str, Rule] = {}  # rules this process knows, in order, by name
         self._warm = min(warm_connections, max_connections)
 
     def _keys(self, rule: str, task_id: str) -> list[str]:
@@ -170,7 +175,7 @@ class RedisState:
 
     def _remember(self, rule: Rule) -> None:
         if rule.name not in self._rules:
-            self._rules[rule.name] = None
+            self._rules[rule.name] = rule
 
     async def admit(self, rule: Rule, task_id: str) -> Action:
         key = (rule.name, task_id)
@@ -236,7 +241,7 @@ class RedisState:
         args: list[str | float] = [
             now, kind, task_id, rule.window, rule.threshold, rule.threshold_after_2xx,
             rule.grace, rule.block_for, math.inf if rule.probe_every is None else rule.probe_every,
-            self._alive_ms,
+            self._alive_ms, _scope_tag(rule.scope),
         ]  # fmt: skip
         self._clean.pop(key, None)
         reply: list[str] = await self._call(lambda: self._record(keys=self._keys(*key), args=args))
@@ -312,8 +317,12 @@ class RedisState:
     async def retain(self, rules: Collection[Rule]) -> None:
         if self._warm:
             await self._open_connections()
-        keep = {r.name: None for r in rules}
-        gone = [name for name in self._rules if name not in keep]
+        keep = {r.name: r for r in rules}
+        gone = [
+            name
+            for name, known in self._rules.items()
+            if name not in keep or keep[name].scope != known.scope
+        ]
         self._rules = keep
         if not gone:
             return
@@ -367,6 +376,12 @@ class RedisState:
         await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
         await self._redis.aclose()
         await self._pool.aclose()
+
+
+@functools.lru_cache(maxsize=256)
+def _scope_tag(scope: str) -> str:
+    """A short stand-in for Rule.scope in seen-alive flags (a flag per live task id)."""
+    return f"{zlib.crc32(scope.encode()):08x}"
 
 
 def _key_state(fields: list[Any]) -> KeyState:
