@@ -10,18 +10,27 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from proxy import __version__
 from proxy.errors import ConfigError, RulesError
 from proxy.rules import RuleSet, load_rules
-from proxy.settings import SERVE_OPTIONS, Settings, build_settings, positive_int
+from proxy.settings import (
+    SERVE_OPTIONS,
+    Settings,
+    build_settings,
+    env_value,
+    option_name,
+    parse_path,
+    positive_int,
+)
 
 EXIT_OK, EXIT_FOUND_ERRORS, EXIT_USAGE = 0, 1, 2
+
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,8 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     env, default, help_text = SERVE_OPTIONS["max_keys"]
     replay.add_argument(
         "--max-keys",
-        type=_positive_int,
-        default=os.environ.get(env, default),
         help=f"as for serve: {help_text} (env {env}, default {default})",
     )
 
@@ -91,11 +98,21 @@ def _positive_int(text: str) -> int:
 
 def _add_rules_flag(parser: argparse.ArgumentParser) -> None:
     env, default, help_text = SERVE_OPTIONS["rules"]
-    parser.add_argument(
-        "--rules",
-        default=os.environ.get(env, default),
-        help=f"{help_text} (env {env}, default {default})",
-    )
+    parser.add_argument("--rules", help=f"{help_text} (env {env}, default {default})")
+
+
+def _option(args: argparse.Namespace, key: str, parse: Callable[[str], T]) -> T:
+    """A `check`/`replay` option of serve's: the flag, else its environment variable
+    (empty is unset), else the default; a mistake names where the value came from."""
+    env, default, _help = SERVE_OPTIONS[key]
+    flag: str | None = getattr(args, key)
+    from_env = env_value(env) if flag is None else None
+    text = flag if flag is not None else from_env if from_env is not None else default or ""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        name = option_name(key, () if from_env is None else (key,))
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,8 +134,9 @@ def _one_line(exc: ConfigError) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    path = _option(args, "rules", parse_path)
     try:
-        rules = load_rules(args.rules)
+        rules = load_rules(path)
     except RulesError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -132,8 +150,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from proxy.replay import replay
     from proxy.replay_report import render, to_json
 
-    rules = load_rules(args.rules)
-    result = replay(args.logs, rules, tries=args.tries, max_keys=args.max_keys)
+    rules = load_rules(_option(args, "rules", parse_path))
+    max_keys = _option(args, "max_keys", positive_int)
+    result = replay(args.logs, rules, tries=args.tries, max_keys=max_keys)
     if args.json:
         print(json.dumps(to_json(result)))
     else:
@@ -159,16 +178,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def serve_settings(args: argparse.Namespace) -> Settings:
-    values = {}
+def serve_settings(args: argparse.Namespace) -> tuple[Settings, set[str]]:
+    """The settings, and which of them were read from the environment (for messages)."""
+    values: dict[str, str | None] = {}
+    from_env: set[str] = set()
     for key, (env, _default, _help) in SERVE_OPTIONS.items():
-        flag = getattr(args, key)
-        values[key] = flag if flag is not None else os.environ.get(env)
-    return build_settings(values)
+        values[key] = getattr(args, key)
+        if values[key] is None:
+            values[key] = env_value(env)
+            if values[key] is not None:
+                from_env.add(key)
+    return build_settings(values, from_env=from_env), from_env
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = serve_settings(args)
+    settings, _from_env = serve_settings(args)
     rules = load_rules(settings.rules)
     if settings.workers > 1 and settings.state == "memory://":
         raise ConfigError(

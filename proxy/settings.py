@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -74,57 +75,78 @@ SERVE_OPTIONS: dict[str, tuple[str, str | None, str]] = {
 }
 
 
-def build_settings(values: dict[str, str | None]) -> Settings:
-    """Flag/env strings -> Settings; ConfigError names the flag and what it wanted."""
+def env_value(name: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    """An environment variable's value, None when unset or empty.
+
+    Compose and Kubernetes write `VAR=` for a value left blank, which means "not set",
+    never "the empty string": `Path("")` would be the current folder.
+    """
+    return environ.get(name) or None
+
+
+def option_name(key: str, from_env: Collection[str] = ()) -> str:
+    """How a message names a setting: the environment variable it came from, else its flag."""
+    return SERVE_OPTIONS[key][0] if key in from_env else "--" + key.replace("_", "-")
+
+
+def build_settings(values: Mapping[str, str | None], *, from_env: Collection[str] = ()) -> Settings:
+    """Flag/env strings -> Settings; ConfigError says what was wrong, and where: the flag,
+    or for the keys in `from_env` the environment variable the value was read from."""
     upstream = values.get("upstream")
     if not upstream:
         raise ConfigError("--upstream is required (or set POLLGUARD_UPSTREAM)")
+
+    def opt(key: str, parse: Callable[[str], T]) -> T:
+        value = values.get(key)
+        text = value if value is not None else (SERVE_OPTIONS[key][1] or "")
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{option_name(key, from_env)}: {exc}") from None
+
     return Settings(
-        upstream=parse_upstream(upstream),
-        listen=_opt(values, "listen", parse_address),
-        admin_listen=_opt(values, "admin_listen", parse_address),
-        rules=Path(_str(values, "rules")),
-        state=_opt(values, "state", parse_state_url),
-        max_keys=_opt(values, "max_keys", positive_int),
-        upstream_timeout=_opt(values, "upstream_timeout", _positive_duration),
+        upstream=opt("upstream", parse_upstream),
+        listen=opt("listen", parse_address),
+        admin_listen=opt("admin_listen", parse_address),
+        rules=opt("rules", parse_path),
+        state=opt("state", parse_state_url),
+        max_keys=opt("max_keys", positive_int),
+        upstream_timeout=opt("upstream_timeout", _positive_duration),
         admin_token=values.get("admin_token") or None,
-        workers=_opt(values, "workers", positive_int),
-        client_timeout=_opt(values, "client_timeout", _positive_duration),
-        max_body_size=_opt(values, "max_body_size", parse_size),
-        drain_timeout=_opt(values, "drain_timeout", _duration),
-        access_log=_str(values, "access_log"),
+        workers=opt("workers", positive_int),
+        client_timeout=opt("client_timeout", _positive_duration),
+        max_body_size=opt("max_body_size", parse_size),
+        drain_timeout=opt("drain_timeout", _duration),
+        access_log=opt("access_log", parse_access_log),
     )
 
 
-def _str(values: dict[str, str | None], key: str) -> str:
-    value = values.get(key)
-    return value if value is not None else (SERVE_OPTIONS[key][1] or "")
+def parse_path(text: str) -> Path:
+    """A rules path; empty is refused, not taken as `.` (every *.toml in the current folder)."""
+    if not text:
+        raise ValueError("expected a .toml file or a folder of them, got ''")
+    return Path(text)
 
 
-def _opt(values: dict[str, str | None], key: str, parse: Callable[[str], T]) -> T:
-    text = _str(values, key)
-    try:
-        return parse(text)
-    except ValueError as exc:
-        flag = "--" + key.replace("_", "-")
-        raise ConfigError(f"{flag}: {exc}") from None
+def parse_access_log(text: str) -> str:
+    if not text:
+        raise ValueError("expected -, off or a file path, got ''")
+    return text
 
 
 def parse_upstream(text: str) -> URL:
     try:
         url = URL(text)
     except ValueError as exc:
-        raise ConfigError(f"--upstream: not a URL: {text!r} ({exc})") from None
+        raise ValueError(f"not a URL: {text!r} ({exc})") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise ConfigError(
-            f"--upstream: must be an http:// or https:// URL with a host, got {text!r}"
-        )
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {text!r}")
     if url.query_string or url.fragment:
-        raise ConfigError(f"--upstream: must not have a query or fragment, got {text!r}")
+        raise ValueError(f"must not have a query or fragment, got {text!r}")
     try:
         url.port  # noqa: B018 - yarl validates the port lazily
     except ValueError:
-        raise ConfigError(f"--upstream: bad port in {text!r}") from None
+        raise ValueError(f"bad port in {text!r}") from None
     return url
 
 

@@ -68,6 +68,22 @@ def test_check_reads_the_rules_env_var(tmp_path: Path) -> None:
     assert 'rule "from-env": ok' in done.stdout
 
 
+def test_check_takes_an_empty_rules_env_var_as_unset() -> None:
+    """`POLLGUARD_RULES=` (Compose, Kubernetes) is the default rules/, not the cwd's *.toml
+    (here pyproject.toml, which is no rule file)."""
+    done = run_cli("check", POLLGUARD_RULES="")
+    assert done.returncode == 0, done.stderr
+    assert 'rules/status.toml: rule "task-status": ok' in done.stdout
+
+
+def test_replay_names_the_env_var_a_bad_value_came_from() -> None:
+    done = run_cli("replay", "-", POLLGUARD_MAX_KEYS="x")
+    assert done.returncode == 2
+    assert done.stderr == (
+        "pollguard replay: POLLGUARD_MAX_KEYS: expected an integer >= 1, got 'x'\n"
+    )
+
+
 def _taken_port() -> tuple[socket.socket, int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -86,8 +102,14 @@ def _taken_port() -> tuple[socket.socket, int]:
         ),
         pytest.param(
             [], {"POLLGUARD_UPSTREAM": "ftp://x"},
-            "--upstream: must be an http:// or https:// URL with a host, got 'ftp://x'",
+            "pollguard serve: POLLGUARD_UPSTREAM: must be an http:// or https:// URL with a host,"
+            " got 'ftp://x'",
             id="bad-url-from-env",
+        ),
+        pytest.param(
+            ["--upstream", "http://127.0.0.1:5000"], {"POLLGUARD_LISTEN": "nope"},
+            "pollguard serve: POLLGUARD_LISTEN: expected HOST:PORT, got 'nope'",
+            id="bad-listen-from-env",
         ),
         pytest.param(
             ["--upstream", "http://127.0.0.1:5000", "--listen", "nonsense"], {},
@@ -105,7 +127,7 @@ def _taken_port() -> tuple[socket.socket, int]:
         ),
         pytest.param(
             [], {"POLLGUARD_UPSTREAM": "http://127.0.0.1:5000", "POLLGUARD_DRAIN_TIMEOUT": "366d"},
-            "--drain-timeout: must be at most 365d, got '366d'", id="long-drain-from-env",
+            "POLLGUARD_DRAIN_TIMEOUT: must be at most 365d, got '366d'", id="long-drain-from-env",
         ),
         pytest.param(
             ["--upstream", "http://127.0.0.1:5000", "--max-keys", "0"], {},

@@ -1,0 +1,76 @@
+"""Flag and environment strings -> Settings: what is accepted, and how a mistake is named."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import build_parser, serve_settings
+from proxy.errors import ConfigError
+from proxy.settings import SERVE_OPTIONS, Address, build_settings, env_value
+
+UPSTREAM = "http://127.0.0.1:5000"
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_an_empty_environment_variable_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compose and Kubernetes write `VAR=` for a value left blank."""
+    for env, _default, _help in SERVE_OPTIONS.values():
+        monkeypatch.setenv(env, "")
+    monkeypatch.setenv("POLLGUARD_UPSTREAM", UPSTREAM)
+    settings, from_env = serve_settings(serve_args())
+    assert settings == build_settings({"upstream": UPSTREAM})
+    assert settings.rules == Path("rules")  # not Path("") == ".": every *.toml in the cwd
+    assert settings.listen == Address("0.0.0.0", 8080)
+    assert from_env == {"upstream"}
+
+
+def test_env_value() -> None:
+    assert env_value("X", {"X": ""}) is None
+    assert env_value("X", {}) is None
+    assert env_value("X", {"X": "0"}) == "0"
+
+
+def test_a_flag_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POLLGUARD_LISTEN", "nope")
+    settings, from_env = serve_settings(serve_args("--upstream", UPSTREAM, "--listen", ":81"))
+    assert settings.listen == Address("0.0.0.0", 81)
+    assert from_env == set()
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "message"),
+    [
+        ("listen", "nope", "POLLGUARD_LISTEN: expected HOST:PORT, got 'nope'"),
+        ("upstream", "ftp://x", "POLLGUARD_UPSTREAM: must be an http:// or https:// URL"),
+        ("max_keys", "0", "POLLGUARD_MAX_KEYS: expected an integer >= 1, got '0'"),
+        ("upstream_timeout", "soon", "POLLGUARD_UPSTREAM_TIMEOUT: expected a duration"),
+    ],
+)
+def test_a_mistake_from_the_environment_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, key: str, text: str, message: str
+) -> None:
+    monkeypatch.setenv("POLLGUARD_UPSTREAM", UPSTREAM)
+    monkeypatch.setenv(SERVE_OPTIONS[key][0], text)
+    with pytest.raises(ConfigError) as caught:
+        serve_settings(serve_args())
+    assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"rules": ""}, "--rules: expected a .toml file or a folder of them, got ''"),
+        ({"access_log": ""}, "--access-log: expected -, off or a file path, got ''"),
+    ],
+)
+def test_an_empty_flag_is_refused_not_taken_as_the_current_folder(
+    values: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        build_settings({"upstream": UPSTREAM, **values})
