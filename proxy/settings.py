@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,11 +144,37 @@ def parse_upstream(text: str) -> URL:
         raise ValueError(f"must be an http:// or https:// URL with a host, got {text!r}")
     if url.query_string or url.fragment:
         raise ValueError(f"must not have a query or fragment, got {text!r}")
+    if not _is_host(url.host, url.raw_host or ""):
+        raise ValueError(
+            f"expected an IP address or a host name (letters, digits, hyphens, dots) "
+            f"as the host, got {url.host!r} in {text!r}"
+        )
     try:
-        url.port  # noqa: B018 - yarl validates the port lazily
+        port = url.explicit_port  # yarl validates the port lazily
     except ValueError:
         raise ValueError(f"bad port in {text!r}") from None
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"the port must be from 1 to 65535, got {port} in {text!r}")
     return url
+
+
+# One DNS label (RFC 1123), and `_`: Docker's DNS resolves Compose names such as app_web_1.
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
+
+
+def _is_host(host: str, raw_host: str) -> bool:
+    """An IP literal, or a host name yarl did not refuse (it lets `exa mple.com` through)."""
+    try:
+        ipaddress.ip_address(host)  # host: a v6 zone decoded (fe80::1%eth0)
+    except ValueError:
+        pass
+    else:
+        return True
+    name = raw_host  # an internationalised name as IDNA (xn--...)
+    labels = name.removesuffix(".").split(".")
+    if len(name) > 253 or labels[-1].isdigit():  # 999.1.1.1 is no IP address and no name
+        return False
+    return all(_LABEL.fullmatch(label) for label in labels)
 
 
 def parse_address(text: str) -> Address:

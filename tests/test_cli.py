@@ -112,6 +112,17 @@ def _taken_port() -> tuple[socket.socket, int]:
             id="bad-listen-from-env",
         ),
         pytest.param(
+            ["--upstream", "http://exa mple.com"], {},
+            "--upstream: expected an IP address or a host name (letters, digits, hyphens, dots)"
+            " as the host, got 'exa mple.com' in 'http://exa mple.com'",
+            id="bad-upstream-host",
+        ),
+        pytest.param(
+            ["--upstream", "http://x:0"], {},
+            "--upstream: the port must be from 1 to 65535, got 0 in 'http://x:0'",
+            id="upstream-port-0",
+        ),
+        pytest.param(
             ["--upstream", "http://127.0.0.1:5000", "--listen", "nonsense"], {},
             "--listen: expected HOST:PORT, got 'nonsense'", id="bad-listen",
         ),

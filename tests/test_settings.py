@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
 
 from proxy.cli import build_parser, serve_settings
 from proxy.errors import ConfigError
-from proxy.settings import SERVE_OPTIONS, Address, build_settings, env_value
+from proxy.settings import SERVE_OPTIONS, Address, build_settings, env_value, parse_upstream
 
 UPSTREAM = "http://127.0.0.1:5000"
 
@@ -74,3 +75,45 @@ def test_an_empty_flag_is_refused_not_taken_as_the_current_folder(
 ) -> None:
     with pytest.raises(ConfigError, match=f"^{message}$"):
         build_settings({"upstream": UPSTREAM, **values})
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        pytest.param("http://127.0.0.1:5000", "127.0.0.1", 5000, id="ipv4"),
+        pytest.param("http://[::1]:5000", "::1", 5000, id="ipv6"),
+        pytest.param("https://backend.internal", "backend.internal", 443, id="name"),
+        pytest.param("http://backend:65535/prefix/", "backend", 65535, id="prefix"),
+        pytest.param("http://app_web_1:8000", "app_web_1", 8000, id="compose-name"),
+        pytest.param("http://bücher.example:1", "xn--bcher-kva.example", 1, id="idna"),
+        pytest.param("http://host.example.:80", "host.example.", 80, id="trailing-dot"),
+    ],
+)
+def test_upstreams_accepted(text: str, host: str, port: int) -> None:
+    url = parse_upstream(text)
+    assert (url.raw_host, url.port) == (host, port)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "http://exa mple.com",
+            "expected an IP address or a host name (letters, digits, hyphens, dots) as the host,"
+            " got 'exa mple.com' in 'http://exa mple.com'",
+            id="space-in-host",
+        ),
+        pytest.param("http://exa%20mple.com", "as the host, got 'exa%20mple.com'", id="escaped"),
+        pytest.param("http://a..b", "as the host, got 'a..b'", id="empty-label"),
+        pytest.param("http://-a.example", "as the host, got '-a.example'", id="leading-hyphen"),
+        pytest.param("http://999.1.1.1", "as the host, got '999.1.1.1'", id="not-an-ipv4"),
+        pytest.param("http://x:0", "the port must be from 1 to 65535, got 0 in 'http://x:0'",
+                     id="port-0"),
+        pytest.param("http://x:65536", "not a URL: 'http://x:65536'", id="port-too-big"),
+        pytest.param("localhost:5000", "must be an http:// or https:// URL", id="no-scheme"),
+        pytest.param("http://x/?a=1", "must not have a query or fragment", id="query"),
+    ],
+)  # fmt: skip
+def test_upstreams_refused(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_upstream(text)
