@@ -178,11 +178,13 @@ def _is_host(host: str, raw_host: str) -> bool:
 
 
 def parse_address(text: str) -> Address:
-    """`HOST:PORT`, `:PORT` (all interfaces) or `[v6]:PORT`."""
+    """`HOST:PORT`, `:PORT` or `*:PORT` (all interfaces, as nginx reads it) or `[v6]:PORT`."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not sep or not _DIGITS.fullmatch(port_text) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]")
+    if host in ("", "*"):
+        host = "0.0.0.0"
     if ":" in host:
         try:
             ipaddress.IPv6Address(host)
@@ -192,16 +194,27 @@ def parse_address(text: str) -> Address:
 
 
 def parse_state_url(text: str) -> str:
+    if text == "memory://":
+        return text
     url = URL(text)
-    if text == "memory://" or url.scheme == "memory":
-        return "memory://"
-    if url.scheme in ("redis", "rediss", "unix") and (url.host or url.scheme == "unix"):
+    if url.scheme == "memory":  # memory:, memory://foo: no options to give, none ignored
+        raise ValueError(f"expected exactly memory:// for memory state, got {text!r}")
+    if url.scheme in ("redis", "rediss") and url.host:
+        db = url.path.strip("/")
+        if db and not _DIGITS.fullmatch(db):
+            raise ValueError(f"expected a db number as the path, got {db!r} in {text!r}")
+        return text
+    if url.scheme == "unix":
         return text
     raise ValueError(f"expected memory:// or redis://host:port/db, got {text!r}")
 
 
+# isdigit() and int() take other scripts' digits (٣) and isdigit() superscripts (²) too.
+_DIGITS = re.compile("[0-9]+")
+
+
 def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not _DIGITS.fullmatch(text) or int(text) < 1:
         raise ValueError(f"expected an integer >= 1, got {text!r}")
     return int(text)
 

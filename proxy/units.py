@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# [0-9], not \d: \d and float() take other scripts' digits too (٣)
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # The longest duration a rule file or a flag may give. Nothing pollguard times needs more
 # (a block, a window or a timeout of over a year is a typo), and every time derived from
@@ -13,7 +14,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # timers (rounded up to whole seconds: an infinite one overflows). nginx and HAProxy
 # refuse a time past 2**31-1 of its unit the same way, at parse time.
 MAX_DURATION = 365 * 86400.0
-_SIZE = re.compile(r"(\d+)([kmg]?)b?", re.IGNORECASE)
+_SIZE = re.compile(r"([0-9]+)([kmg]?)b?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 

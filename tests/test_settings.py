@@ -10,7 +10,16 @@ import pytest
 
 from proxy.cli import build_parser, serve_settings
 from proxy.errors import ConfigError
-from proxy.settings import SERVE_OPTIONS, Address, build_settings, env_value, parse_upstream
+from proxy.settings import (
+    SERVE_OPTIONS,
+    Address,
+    build_settings,
+    env_value,
+    parse_address,
+    parse_state_url,
+    parse_upstream,
+    positive_int,
+)
 
 UPSTREAM = "http://127.0.0.1:5000"
 
@@ -117,3 +126,57 @@ def test_upstreams_accepted(text: str, host: str, port: int) -> None:
 def test_upstreams_refused(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_upstream(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("127.0.0.1:8080", Address("127.0.0.1", 8080)),
+        (":8080", Address("0.0.0.0", 8080)),
+        ("*:8080", Address("0.0.0.0", 8080)),  # nginx's spelling of all interfaces
+        ("[::]:8080", Address("::", 8080)),
+        ("localhost:0", Address("localhost", 0)),  # 0: any free port
+    ],
+)
+def test_listen_addresses(text: str, address: Address) -> None:
+    assert parse_address(text) == address
+
+
+@pytest.mark.parametrize("text", ["8080", "host:", "host:65536", "host:²", "host:٣", "[x:y]:80"])
+def test_listen_addresses_refused(text: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"expected HOST:PORT, got {text!r}")):
+        parse_address(text)
+
+
+@pytest.mark.parametrize("text", ["1", "100000", "0012"])
+def test_positive_ints(text: str) -> None:
+    assert positive_int(text) == int(text)
+
+
+@pytest.mark.parametrize("text", ["0", "", "-1", "+1", " 1", "1.0", "²", "٣", "1_000"])
+def test_positive_ints_refused(text: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"expected an integer >= 1, got {text!r}")):
+        positive_int(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["memory://", "redis://127.0.0.1:6379/0", "redis://r", "rediss://r:6380/15"]
+)
+def test_state_urls(text: str) -> None:
+    assert parse_state_url(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("memory://foo", "expected exactly memory:// for memory state, got 'memory://foo'"),
+        ("memory:", "expected exactly memory:// for memory state, got 'memory:'"),
+        ("redis://r/db1", "expected a db number as the path, got 'db1' in 'redis://r/db1'"),
+        ("redis://r/²", "expected a db number as the path, got '²'"),
+        ("redis:///0", "expected memory:// or redis://host:port/db, got 'redis:///0'"),
+        ("memcached://m", "expected memory:// or redis://host:port/db"),
+    ],
+)
+def test_state_urls_refused(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_state_url(text)

@@ -16,7 +16,9 @@ def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "10", "10 m", "m", "-1s", "1w", "1s2", "s1"])
+@pytest.mark.parametrize(
+    "text", ["", "10", "10 m", "m", "-1s", "1w", "1s2", "s1", "٣s", "²s", "1.٣s"]
+)
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="expected a duration"):
         parse_duration(text)
@@ -38,6 +40,7 @@ def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-def test_bad_size() -> None:
+@pytest.mark.parametrize("text", ["ten", "", "-1", "٣k", "²m", "1.5m"])
+def test_bad_size(text: str) -> None:
     with pytest.raises(ValueError, match="expected a size"):
-        parse_size("ten")
+        parse_size(text)
