@@ -220,12 +220,20 @@ class Pollguard:
             return rules
 
     async def start(self) -> None:
-        """Open the upstream pool and both ports; ConfigError if a port cannot be bound."""
+        """Open the access log, the upstream pool and both ports; ConfigError if the log
+        cannot be opened or a port bound. What was opened before a failure is closed again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         from proxy.admin import create_admin_app  # admin imports this module for Pollguard
 
+        self._sink = open_sink(self.settings.access_log)
         await self.state.retain(self.rules.rules)
         await self.forwarder.start()
-        self._sink = open_sink(self.settings.access_log)
         self.metrics.start_folding()
         server = ProxyServer(
             # A bound method: calling an object's __call__ costs ~700 instructions more.
@@ -244,14 +252,10 @@ class Pollguard:
         )
         proxy_runner = web.ServerRunner(server, shutdown_timeout=self.settings.drain_timeout)
         admin_runner = web.AppRunner(create_admin_app(self), access_log=None, shutdown_timeout=1.0)
-        try:
-            self.proxy_address = await self._bind(proxy_runner, self.settings.listen, "--listen")
-            self.admin_address = await self._bind(
-                admin_runner, self.settings.admin_listen, "--admin-listen"
-            )
-        except BaseException:
-            await self.stop()
-            raise
+        self.proxy_address = await self._bind(proxy_runner, self.settings.listen, "--listen")
+        self.admin_address = await self._bind(
+            admin_runner, self.settings.admin_listen, "--admin-listen"
+        )
 
     async def _bind(self, runner: web.BaseRunner, address: Address, flag: str) -> Address:
         await runner.setup()

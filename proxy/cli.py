@@ -192,7 +192,7 @@ def serve_settings(args: argparse.Namespace) -> tuple[Settings, set[str]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings, _from_env = serve_settings(args)
+    settings, from_env = serve_settings(args)
     rules = load_rules(settings.rules)
     if settings.workers > 1 and settings.state == "memory://":
         raise ConfigError(
@@ -200,7 +200,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "(a threshold of 5 would take up to 5 x workers misses); use --state redis://..."
         )
     from proxy.app import Pollguard, check_c_parser
-    from proxy.logs import configure_event_log
+    from proxy.logs import check_target, configure_event_log
+
+    check_target(settings.access_log, option_name("access_log", from_env))
 
     check_c_parser()
     configure_event_log()

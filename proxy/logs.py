@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import StreamResponse
 
 from proxy.blocked import BlockedAnswer
+from proxy.errors import ConfigError
 from proxy.serving import ProxyRequest
 
 FLUSH_EVERY = 0.2  # seconds; lines are written in batches, not one syscall each
@@ -106,13 +107,27 @@ class LineSink:
             self._stream.close()
 
 
-def open_sink(target: str) -> LineSink | None:
-    """`-` (stdout), `off`, or a file appended to."""
+def open_sink(target: str, name: str = "--access-log") -> LineSink | None:
+    """`-` (stdout), `off`, or a file appended to; ConfigError if it cannot be opened."""
     if target == "off":
         return None
     if target == "-":
         return LineSink(sys.stdout.buffer)
-    return LineSink(open(target, "ab"))  # closed by LineSink.close
+    return LineSink(_open(target, name))  # closed by LineSink.close
+
+
+def check_target(target: str, name: str = "--access-log") -> None:
+    """Fail with one line if open_sink(target) would, before serve forks its workers (each
+    would die on it, and be restarted forever). A file is created, as open_sink would."""
+    if target not in ("-", "off"):
+        _open(target, name).close()
+
+
+def _open(path: str, name: str) -> IO[bytes]:
+    try:
+        return open(path, "ab")
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot open {path}: {exc.strerror or exc}") from None
 
 
 def access_logger(sink: LineSink | None) -> type[AbstractAccessLogger]:

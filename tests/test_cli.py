@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -167,6 +168,37 @@ def test_serve_refuses_mistakes_with_one_line_and_exit_2(
     assert done.stderr.count("\n") == 1, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "a-folder", "read-only"])
+def test_serve_refuses_an_access_log_it_cannot_open(tmp_path: Path, where: str) -> None:
+    path, reason = {
+        "missing-folder": (tmp_path / "nonexistent" / "x.log", "No such file or directory"),
+        "a-folder": (tmp_path, "Is a directory"),
+        "read-only": (tmp_path / "ro.log", "Permission denied"),
+    }[where]
+    if where == "read-only":
+        path.touch(mode=0o444)
+        if os.access(path, os.W_OK):
+            pytest.skip("this user (root?) may write a read-only file")
+    done = run_cli(
+        "serve", "--upstream", "http://127.0.0.1:5000", "--access-log", str(path),
+        "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == f"pollguard serve: --access-log: cannot open {path}: {reason}\n"
+
+
+def test_an_access_log_from_the_environment_is_named_by_its_variable(tmp_path: Path) -> None:
+    done = run_cli(
+        "serve", "--upstream", "http://127.0.0.1:5000",
+        "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+        POLLGUARD_ACCESS_LOG=str(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"pollguard serve: POLLGUARD_ACCESS_LOG: cannot open {tmp_path}: Is a directory\n"
+    )
 
 
 def test_serve_refuses_bad_rules_with_one_line(tmp_path: Path) -> None:

@@ -13,9 +13,13 @@ from types import SimpleNamespace
 
 import aiohttp
 import pytest
+from yarl import URL
 
+from proxy.app import Pollguard
+from proxy.errors import ConfigError
 from proxy.forward import Relayed
 from proxy.logs import FLUSH_EVERY, _timestamp, access_logger
+from proxy.settings import Address, Settings
 from tests.conftest import StartPollguard
 from tests.support import Upstream, rule_toml, ruleset
 
@@ -154,3 +158,26 @@ async def test_lines_reach_the_file_while_serving_a_batch_at_a_time(
     assert len(await lines_after("/second")) == 2
     await pg.pg.stop()
     assert len(log.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "a-folder"])
+async def test_an_access_log_that_cannot_be_opened_is_one_config_error(
+    upstream: Upstream, tmp_path: Path, where: str
+) -> None:
+    """Before anything else opens: no upstream session left unclosed, no port bound."""
+    path, reason = {
+        "missing-folder": (tmp_path / "nonexistent" / "x.log", "No such file or directory"),
+        "a-folder": (tmp_path, "Is a directory"),
+    }[where]
+    settings = Settings(
+        upstream=URL(upstream.url),
+        listen=Address("127.0.0.1", 0),
+        admin_listen=Address("127.0.0.1", 0),
+        access_log=str(path),
+    )
+    pg = Pollguard(settings, ruleset())
+    with pytest.raises(ConfigError) as caught:
+        await pg.start()
+    assert str(caught.value) == f"--access-log: cannot open {path}: {reason}"
+    assert pg.proxy_address is None
+    assert pg.forwarder._session is None

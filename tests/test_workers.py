@@ -217,3 +217,19 @@ def test_a_taken_port_is_one_line_before_any_worker_starts(redis_server: RedisSe
     assert lines == [
         f"pollguard serve: --listen: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
+
+
+def test_an_access_log_it_cannot_open_is_one_line_before_any_worker_starts(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Each worker would die on it with exit 1, and the parent restart them forever."""
+    log = tmp_path / "nonexistent" / "x.log"
+    done = run_cli(
+        "--upstream", "http://127.0.0.1:9", "--rules", REPO + "/rules",
+        "--state", redis_server.url(), "--workers", "2", "--access-log", str(log),
+        "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{free_port()}",
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"pollguard serve: --access-log: cannot open {log}: No such file or directory\n"
+    )
