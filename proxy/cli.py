@@ -192,6 +192,10 @@ def serve_settings(args: argparse.Namespace) -> tuple[Settings, set[str]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # SIGHUP means "reload" to a running serve, but its default action ends the process,
+    # and the handler is only installed once the event loop runs (or, with --workers, the
+    # parent blocks it to wait for it): until then a SIGHUP is ignored, not fatal.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings, from_env = serve_settings(args)
     rules = load_rules(settings.rules)
     if settings.workers > 1 and settings.state == "memory://":

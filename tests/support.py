@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -320,15 +321,24 @@ class ServeProcess:
         return f"http://127.0.0.1:{self.admin_port}"
 
     async def start(self, timeout: float = 10.0) -> ServeProcess:
-        import sys
+        await self.spawn()
+        return await self.wait_healthy(timeout)
 
-        import aiohttp
+    async def spawn(self) -> asyncio.subprocess.Process:
+        """Start the process, without waiting for it to serve."""
+        import sys
 
         # Files, not pipes: a pipe nobody reads would fill up and stall the proxy's logging.
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "proxy", *self.args, env=self.env, stdout=out, stderr=err
             )
+        return self.proc
+
+    async def wait_healthy(self, timeout: float = 10.0) -> ServeProcess:
+        import aiohttp
+
+        assert self.proc is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         async with aiohttp.ClientSession() as http:
@@ -344,6 +354,24 @@ class ServeProcess:
                 await asyncio.sleep(0.05)
         await self.kill()
         raise TimeoutError("pollguard did not become healthy")
+
+    def sighup(self) -> str | None:
+        """What the process does with SIGHUP now: "ignored", "caught", "blocked" (waited
+        for) or None (the default action, which ends it). Linux only: read from /proc."""
+        assert self.proc is not None
+        status = {}
+        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                status[name] = value.strip()
+        bit = 1 << (signal.SIGHUP - 1)
+        if int(status["SigIgn"], 16) & bit:
+            return "ignored"
+        if int(status["SigCgt"], 16) & bit:
+            return "caught"
+        if int(status["SigBlk"], 16) & bit:
+            return "blocked"
+        return None
 
     def stdout(self) -> str:
         with open(self.stdout_path, encoding="utf-8") as f:
@@ -373,3 +401,44 @@ class ServeProcess:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
+
+
+async def sighup_while_starting(pg: ServeProcess, health: list[str], timeout: float = 15.0) -> int:
+    """Spawn `pg` and SIGHUP it every 10 ms from the moment that no longer kills it until
+    every URL in `health` answers 200; how many were sent.
+
+    That moment must come while SIGHUP is still ignored, before any handler is installed:
+    the interpreter's own startup (~0.2 s), where the default action holds, is all it may
+    take. AssertionError if the process dies on one, or never ignored SIGHUP first.
+    """
+    import aiohttp
+
+    proc = await pg.spawn()
+    sent = 0
+    try:
+        async with asyncio.timeout(timeout), aiohttp.ClientSession() as http:
+            while True:
+                if proc.returncode is not None:
+                    raise AssertionError(f"pollguard exited {proc.returncode}")
+                seen = pg.sighup()
+                if seen is not None:
+                    break
+                await asyncio.sleep(0.001)
+            assert seen == "ignored", f"SIGHUP was {seen} before it was ignored"
+            pending = list(health)
+            while pending:
+                proc.send_signal(signal.SIGHUP)
+                sent += 1
+                await asyncio.sleep(0.01)
+                if proc.returncode is not None:
+                    raise AssertionError(f"SIGHUP #{sent} ended pollguard ({proc.returncode})")
+                try:
+                    async with http.get(pending[0]) as resp:
+                        if resp.status == 200:
+                            pending.pop(0)
+                except aiohttp.ClientError:
+                    pass
+    except (AssertionError, TimeoutError) as exc:  # with what the process said
+        said = pg.stderr()
+        raise AssertionError(f"{exc or 'timed out'} after {sent} SIGHUPs; stderr:\n{said}") from exc
+    return sent

@@ -15,7 +15,14 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from tests.support import REPO, ServeProcess, Upstream, cli_env, rule_toml
+from tests.support import (
+    REPO,
+    ServeProcess,
+    Upstream,
+    cli_env,
+    rule_toml,
+    sighup_while_starting,
+)
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -257,6 +264,25 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
         await proc.kill()
     events = [json.loads(line) for line in proc.stderr().splitlines()]
     assert [e["event"] for e in events if "event" in e] == ["started", "stopping"]
+
+
+async def test_a_sighup_while_serve_starts_up_does_not_end_it(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """The handler (a rules reload) is only installed once the event loop runs; SIGHUP's
+    default action would end the process before that (exit 129)."""
+    pg = ServeProcess(
+        "--upstream", upstream.url, "--rules", f"{REPO}/rules", "--access-log", "off",
+        logs=str(tmp_path),
+    )  # fmt: skip
+    try:
+        sent = await sighup_while_starting(pg, [pg.admin_base + "/healthz"])
+        assert sent > 1
+        async with aiohttp.ClientSession() as http, http.get(pg.base + "/test/status/x") as resp:
+            assert resp.status == 404  # the upstream's: it serves
+        assert await pg.stop() == 0
+    finally:
+        await pg.kill()
 
 
 async def test_access_log_is_json_lines_with_a_marker_for_blocked_answers(

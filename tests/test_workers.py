@@ -18,7 +18,15 @@ import aiohttp
 import pytest
 
 from tests.processes import RedisServer
-from tests.support import REPO, ServeProcess, Upstream, cli_env, free_port, rule_toml
+from tests.support import (
+    REPO,
+    ServeProcess,
+    Upstream,
+    cli_env,
+    free_port,
+    rule_toml,
+    sighup_while_starting,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -233,3 +241,21 @@ def test_an_access_log_it_cannot_open_is_one_line_before_any_worker_starts(
     assert done.stderr == (
         f"pollguard serve: --access-log: cannot open {log}: No such file or directory\n"
     )
+
+
+async def test_a_sighup_while_the_workers_start_ends_no_process(
+    tmp_path: Path, redis_server: RedisServer, workers: list[ServeProcess]
+) -> None:
+    """The parent before it blocks SIGHUP to pass it on, a worker before its event loop
+    handles it: neither may die of it (SIGHUP's default action)."""
+    pg = ServeProcess(
+        "--workers", "2", "--access-log", "off", "--upstream", "http://127.0.0.1:9",
+        "--rules", REPO + "/rules", "--state", redis_server.url(), logs=str(tmp_path),
+    )  # fmt: skip
+    pg.admin_port = free_ports(2)
+    pg.args[pg.args.index("--admin-listen") + 1] = f"127.0.0.1:{pg.admin_port}"
+    workers.append(pg)
+    await sighup_while_starting(pg, [admin_url(pg, "/healthz", w) for w in range(2)])
+    assert [e for e in events(pg) if e.get("event") == "worker_died"] == []
+    assert sorted(worker_pids(pg)) == [0, 1]
+    assert await pg.stop() == 0
