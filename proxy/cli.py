@@ -1,7 +1,8 @@
 """`pollguard serve | check | replay | demo`: argument parsing and exit codes only.
 
-Exit codes: 0 fine; 1 `check` found errors; 2 a person's mistake (flag, URL, port,
-rule file, a log that cannot be read), always as one line on stderr, never a traceback.
+Exit codes: 0 fine; 1 `check` found errors, or `replay` could read none of its lines
+(the report is printed all the same); 2 a person's mistake (flag, URL, port, rule file,
+a log that cannot be read), always as one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -157,6 +158,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(json.dumps(to_json(result)))
     else:
         print(render(result), end="")
+    lines, unparsed = result.tally.lines, result.tally.unparsed
+    if lines and unparsed == lines:  # like grep's 1: nothing in there was usable
+        print(
+            f"pollguard replay: none of the {lines} lines is in a format replay reads "
+            "(nginx/Apache common or combined, werkzeug/gunicorn)",
+            file=sys.stderr,
+        )
+        return EXIT_FOUND_ERRORS
     return EXIT_OK
 
 

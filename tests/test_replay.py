@@ -235,6 +235,35 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path: Path, args: list[str], messa
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["text", "json"])
+def test_a_log_with_no_line_it_can_read_exits_1_with_the_report_still_printed(
+    tmp_path: Path, json_flag: list[str]
+) -> None:
+    log = write(tmp_path / "app.log", ['{"ts": 1, "path": "/test/status/t1"}'] * 3)
+    done = cli("replay", str(log), *json_flag)
+    assert done.returncode == 1
+    assert done.stderr.decode() == (
+        "pollguard replay: none of the 3 lines is in a format replay reads "
+        "(nginx/Apache common or combined, werkzeug/gunicorn)\n"
+    )
+    if json_flag:  # the SPEC's object on stdout, as ever
+        report = json.loads(done.stdout)
+        assert (report["lines"], report["unparsed"]) == (3, 3)
+        assert set(report["rules"]["task-status"]) == SPEC_RULE_KEYS
+    else:
+        assert "Replayed 3 lines" in done.stdout.decode()
+
+
+def test_an_empty_log_or_some_lines_read_exit_0(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.log"
+    empty.write_bytes(b"")
+    some = write(tmp_path / "some.log", [*seed_polls("t1", [404]), "not a log line"])
+    for log in (empty, some):
+        done = cli("replay", str(log), "--json")
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == b""
+
+
 def test_hostile_lines_are_counted_unparsed_and_never_crash(tmp_path: Path) -> None:
     rng = random.Random(5)
     good = seed_polls("t1", [404] * 6)
