@@ -231,7 +231,7 @@ class Pollguard:
     async def _start(self) -> None:
         from proxy.admin import create_admin_app  # admin imports this module for Pollguard
 
-        self._sink = open_sink(self.settings.access_log)
+        self._sink = open_sink(self.settings.access_log, self.settings.name("access_log"))
         await self.state.retain(self.rules.rules)
         await self.forwarder.start()
         self.metrics.start_folding()
@@ -252,12 +252,15 @@ class Pollguard:
         )
         proxy_runner = web.ServerRunner(server, shutdown_timeout=self.settings.drain_timeout)
         admin_runner = web.AppRunner(create_admin_app(self), access_log=None, shutdown_timeout=1.0)
-        self.proxy_address = await self._bind(proxy_runner, self.settings.listen, "--listen")
+        settings = self.settings
+        self.proxy_address = await self._bind(
+            proxy_runner, settings.listen, settings.name("listen")
+        )
         self.admin_address = await self._bind(
-            admin_runner, self.settings.admin_listen, "--admin-listen"
+            admin_runner, settings.admin_listen, settings.name("admin_listen")
         )
 
-    async def _bind(self, runner: web.BaseRunner, address: Address, flag: str) -> Address:
+    async def _bind(self, runner: web.BaseRunner, address: Address, name: str) -> Address:
         await runner.setup()
         self._runners.append(runner)
         # nginx's listen backlog: aiohttp's 128 makes a burst of new clients wait on SYN retries
@@ -268,7 +271,7 @@ class Pollguard:
             await site.start()
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            raise ConfigError(f"{flag}: cannot listen on {address}: {reason}") from None
+            raise ConfigError(f"{name}: cannot listen on {address}: {reason}") from None
         host, port = runner.addresses[-1][:2]
         return Address(host, port)
 

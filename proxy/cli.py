@@ -187,8 +187,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def serve_settings(args: argparse.Namespace) -> tuple[Settings, set[str]]:
-    """The settings, and which of them were read from the environment (for messages)."""
+def serve_settings(args: argparse.Namespace) -> Settings:
+    """Each flag, else its environment variable (empty is unset), else its default."""
     values: dict[str, str | None] = {}
     from_env: set[str] = set()
     for key, (env, _default, _help) in SERVE_OPTIONS.items():
@@ -197,7 +197,7 @@ def serve_settings(args: argparse.Namespace) -> tuple[Settings, set[str]]:
             values[key] = env_value(env)
             if values[key] is not None:
                 from_env.add(key)
-    return build_settings(values, from_env=from_env), from_env
+    return build_settings(values, from_env=from_env)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -205,18 +205,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # and the handler is only installed once the event loop runs (or, with --workers, the
     # parent blocks it to wait for it): until then a SIGHUP is ignored, not fatal.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    settings, from_env = serve_settings(args)
+    settings = serve_settings(args)
     rules = load_rules(settings.rules)
     if settings.workers > 1 and settings.state == "memory://":
+        workers = settings.name("workers") + (
+            f"={settings.workers}" if "workers" in settings.from_env else f" {settings.workers}"
+        )
         raise ConfigError(
-            f"--workers {settings.workers} with memory:// state would count each worker apart "
+            f"{workers} with memory:// state would count each worker apart "
             "(a threshold of 5 would take up to 5 x workers misses); use --state redis://..."
         )
     from proxy.app import Pollguard, check_c_parser
     from proxy.logs import check_target, configure_event_log
 
-    check_target(settings.access_log, option_name("access_log", from_env))
-
+    check_target(settings.access_log, settings.name("access_log"))
     check_c_parser()
     configure_event_log()
     if settings.workers > 1:

@@ -6,7 +6,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,6 +44,12 @@ class Settings:
     max_body_size: int = 100 * 1024 * 1024
     drain_timeout: float = 30.0
     access_log: str = "-"
+    # the keys read from the environment, not from a flag: messages name them so
+    from_env: frozenset[str] = field(default=frozenset(), compare=False)
+
+    def name(self, key: str) -> str:
+        """How a message names setting `key`: its flag, or the variable it came from."""
+        return option_name(key, self.from_env)
 
 
 # flag -> (env var, default); the CLI and the docs both read this table.
@@ -119,6 +125,7 @@ def build_settings(values: Mapping[str, str | None], *, from_env: Collection[str
         max_body_size=opt("max_body_size", parse_size),
         drain_timeout=opt("drain_timeout", _duration),
         access_log=opt("access_log", parse_access_log),
+        from_env=frozenset(from_env),
     )
 
 

@@ -46,8 +46,8 @@ def worker_settings(settings: Settings, index: int) -> Settings:
 
 def check_ports(settings: Settings) -> None:
     """Fail with one line before forking, not once per worker, if a port is taken."""
-    ports = [("--listen", settings.listen)]
-    ports += [("--admin-listen", worker_settings(settings, i).admin_listen)
+    ports = [(settings.name("listen"), settings.listen)]
+    ports += [(settings.name("admin_listen"), worker_settings(settings, i).admin_listen)
               for i in range(settings.workers)]  # fmt: skip
     for flag, address in ports:
         if address.port > 65535:

@@ -162,6 +162,11 @@ def _taken_port() -> tuple[socket.socket, int]:
             id="workers-without-redis",
         ),
         pytest.param(
+            ["--upstream", "http://127.0.0.1:5000"], {"POLLGUARD_WORKERS": "4"},
+            "pollguard serve: POLLGUARD_WORKERS=4 with memory:// state would count each worker",
+            id="workers-without-redis-from-env",
+        ),
+        pytest.param(
             ["--upstream", "http://127.0.0.1:5000", "--bogus"], {},
             "unrecognized arguments: --bogus", id="unknown-flag",
         ),
@@ -216,6 +221,20 @@ def test_serve_refuses_bad_rules_with_one_line(tmp_path: Path) -> None:
         f'pollguard serve: {tmp_path}/r.toml: rule "task-status": threshold: must be a positive'
         " integer, got 0 (and 1 more: run pollguard check)\n"
     )
+
+
+def test_a_taken_port_from_the_environment_is_named_by_its_variable() -> None:
+    sock, port = _taken_port()
+    with sock:
+        done = run_cli(
+            "serve", "--upstream", "http://127.0.0.1:5000", "--admin-listen", "127.0.0.1:0",
+            POLLGUARD_LISTEN=f"127.0.0.1:{port}",
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        f"pollguard serve: POLLGUARD_LISTEN: cannot listen on 127.0.0.1:{port}: "
+    )
+    assert done.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("flag", ["--listen", "--admin-listen"])

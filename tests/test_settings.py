@@ -33,11 +33,15 @@ def test_an_empty_environment_variable_is_unset(monkeypatch: pytest.MonkeyPatch)
     for env, _default, _help in SERVE_OPTIONS.values():
         monkeypatch.setenv(env, "")
     monkeypatch.setenv("POLLGUARD_UPSTREAM", UPSTREAM)
-    settings, from_env = serve_settings(serve_args())
+    settings = serve_settings(serve_args())
     assert settings == build_settings({"upstream": UPSTREAM})
     assert settings.rules == Path("rules")  # not Path("") == ".": every *.toml in the cwd
     assert settings.listen == Address("0.0.0.0", 8080)
-    assert from_env == {"upstream"}
+    assert settings.from_env == {"upstream"}
+    assert (settings.name("upstream"), settings.name("listen")) == (
+        "POLLGUARD_UPSTREAM",
+        "--listen",
+    )
 
 
 def test_env_value() -> None:
@@ -48,9 +52,9 @@ def test_env_value() -> None:
 
 def test_a_flag_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POLLGUARD_LISTEN", "nope")
-    settings, from_env = serve_settings(serve_args("--upstream", UPSTREAM, "--listen", ":81"))
+    settings = serve_settings(serve_args("--upstream", UPSTREAM, "--listen", ":81"))
     assert settings.listen == Address("0.0.0.0", 81)
-    assert from_env == set()
+    assert settings.from_env == set()
 
 
 @pytest.mark.parametrize(

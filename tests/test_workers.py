@@ -227,6 +227,27 @@ def test_a_taken_port_is_one_line_before_any_worker_starts(redis_server: RedisSe
     ]
 
 
+def test_a_taken_admin_port_from_the_environment_is_named_by_its_variable(
+    redis_server: RedisServer,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "serve", "--upstream", "http://127.0.0.1:9",
+             "--rules", REPO + "/rules", "--state", redis_server.url(), "--workers", "2",
+             "--listen", f"127.0.0.1:{free_port()}"],
+            capture_output=True, text=True, timeout=30, cwd=REPO,
+            env=cli_env(POLLGUARD_ADMIN_LISTEN=f"127.0.0.1:{port}"),
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"pollguard serve: POLLGUARD_ADMIN_LISTEN: cannot listen on 127.0.0.1:{port}: "
+        "Address already in use\n"
+    )
+
+
 def test_an_access_log_it_cannot_open_is_one_line_before_any_worker_starts(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
