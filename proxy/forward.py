@@ -161,12 +161,15 @@ class Forwarder:
 
     async def forward(self, request: web.BaseRequest) -> Forwarded:
         raw = request.raw_path
-        if not raw.startswith("/"):
-            if request.method == "CONNECT":  # a reverse proxy opens no tunnels
-                refused = error_response(405, "CONNECT not allowed", close=True, allow=NOT_CONNECT)
-                return Forwarded(refused, None, None)
-            raw = request.url.raw_path_qs  # absolute-form: a client taking us for its proxy
-        target = self._prefix + raw
+        if raw.startswith("/"):
+            target = self._prefix + raw
+        elif request.method == "CONNECT":  # a reverse proxy opens no tunnels
+            refused = error_response(405, "CONNECT not allowed", close=True, allow=NOT_CONNECT)
+            return Forwarded(refused, None, None)
+        elif raw == "*" and request.method == "OPTIONS":
+            target = "*"  # asterisk-form (RFC 9112 3.2.4): the server as a whole, no path
+        else:  # absolute-form: a client taking us for its proxy
+            target = self._prefix + request.url.raw_path_qs
         websocket = _is_websocket(request)
         pool = self._pool
         if pool is not None and not request.body_exists and not websocket:

@@ -601,6 +601,18 @@ async def test_streamed_answers_invent_no_fields_and_end_at_the_close_for_http10
     assert time.monotonic() - started < 2.0  # at once, not after --client-timeout (15 s)
 
 
+async def test_options_asterisk_is_forwarded_as_asterisk(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    up = await backend(by_path)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    await client.send(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n")
+    reply = await client.response()
+    assert (reply.status, reply.body) == (200, b"*")  # not "/*", another resource
+    assert up.seen == [(1, 1, "OPTIONS", "*")]
+
+
 # --- 7. HEAD ----------------------------------------------------------------------------
 
 
