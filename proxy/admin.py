@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hmac
 import ipaddress
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -36,6 +37,8 @@ READY_TIMEOUT = 0.5
 # Listing every blocked key of a shared store takes longer than one request's lookup.
 ADMIN_STATE_TIMEOUT = 5.0
 REALM = 'Bearer realm="pollguard"'
+# Blocked keys formatted between two turns of the event loop (~25 ms of work).
+LIST_SLICE = 2_000
 ENDPOINTS = (
     "GET /admin/blocks[?rule=NAME]",
     "DELETE /admin/blocks/{rule}/{task_id}",
@@ -143,7 +146,7 @@ def _is_loopback(remote: str | None) -> bool:
     return address.is_loopback
 
 
-async def list_blocks(request: web.Request) -> web.Response:
+async def list_blocks(request: web.Request) -> web.StreamResponse:
     pg = request.app[POLLGUARD]
     rule = request.query.get("rule")
     if rule is not None and pg.rules.get(rule) is None:
@@ -156,12 +159,22 @@ async def list_blocks(request: web.Request) -> web.Response:
         pg.metrics.state_errors.inc()
         return _error(503, "the state store did not answer")
     blocks.sort(key=lambda b: (b.rule, b.task_id))
-    listed = [
-        {"rule": b.rule, "task_id": b.task_id, "misses": b.misses,
-         "blocked_until": _rfc3339(b.blocked_until)}
-        for b in blocks
-    ]  # fmt: skip
-    return web.json_response({"blocks": listed})
+    # The same JSON as one json.dumps() of the whole list, written a slice at a time with
+    # the event loop let go in between: after a mass restart 100,000 blocked keys took
+    # ~0.75 s to format and encode, during which no poll was answered.
+    resp = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+    await resp.prepare(request)
+    opening = b'{"blocks": ['
+    for start in range(0, len(blocks), LIST_SLICE):
+        part = ", ".join(
+            json.dumps({"rule": b.rule, "task_id": b.task_id, "misses": b.misses,
+                        "blocked_until": _rfc3339(b.blocked_until)})
+            for b in blocks[start : start + LIST_SLICE]
+        )  # fmt: skip
+        await resp.write((b", " if start else opening) + part.encode())
+        await asyncio.sleep(0)
+    await resp.write_eof(b"]}" if blocks else opening + b"]}")
+    return resp
 
 
 async def unblock(request: web.Request) -> web.Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from typing import Any
 
@@ -10,7 +11,9 @@ import pytest
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from proxy.admin import LIST_SLICE
 from proxy.settings import Address
+from proxy.state.memory import MemoryState
 from tests.conftest import Running, StartPollguard
 from tests.support import Upstream, rule_toml, ruleset, skip_unless_ci
 
@@ -73,6 +76,26 @@ async def test_blocks_lists_every_blocked_key_with_rfc3339_times(
     status, body, _ = await call(http, "GET", pg.admin("/admin/blocks?rule=jobs"))
     assert (status, body["blocks"]) == (200, [body["blocks"][0]])
     assert body["blocks"][0]["task_id"] == "j-9"
+
+
+async def test_many_blocks_are_listed_in_slices_as_one_json_document(
+    start_pollguard: StartPollguard, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard(BLOCKING)
+    rule = pg.pg.rules.get("task-status")
+    assert rule is not None and isinstance(pg.pg.state, MemoryState)
+    ids = [f"t-{i:05d}" for i in range(2 * LIST_SLICE + 7)]  # three slices, the last short
+    for task_id in reversed(ids):
+        for _ in range(rule.threshold):
+            pg.pg.state.record_sync(rule, task_id, 404)
+    async with http.get(pg.admin("/admin/blocks")) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "application/json; charset=utf-8"
+        raw = await resp.read()
+    listed = json.loads(raw)["blocks"]
+    assert [b["task_id"] for b in listed] == ids  # sorted, none lost or repeated
+    assert raw == json.dumps({"blocks": listed}).encode()  # as one json.dumps() writes it
+    assert (await call(http, "GET", pg.admin("/admin/blocks?rule=jobs")))[1] == {"blocks": []}
 
 
 async def test_blocks_of_an_unknown_rule_is_a_400_naming_the_rules(
