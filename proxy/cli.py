@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 
 from proxy import __version__
 from proxy.errors import ConfigError, RulesError
-from proxy.rules import RuleSet, load_rules
+from proxy.rules import RuleSet, doubts, load_rules
 from proxy.settings import (
     SERVE_OPTIONS,
     Settings,
@@ -144,6 +144,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_FOUND_ERRORS
     for rule in rules.rules:
         print(f'{rule.source}: rule "{rule.name}": ok ({rule.mode}, {rule.path})')
+        for doubt in doubts(rule):  # valid, so exit 0 all the same
+            print(f'{rule.source}: rule "{rule.name}": warning: {doubt}', file=sys.stderr)
     return EXIT_OK
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from proxy.errors import RulesError
 from proxy.matching import PLACEHOLDER, Template, parse_template
-from proxy.units import check_duration_max, parse_duration
+from proxy.units import check_duration_max, format_duration, parse_duration
 
 Mode = Literal["enforce", "observe"]
 
@@ -123,6 +123,23 @@ class RuleSet:
             if rule.name == name:
                 return rule
         return None
+
+
+def doubts(rule: Rule) -> list[str]:
+    """What `check` warns of: settings that load, but likely do not do what was meant."""
+    found = []
+    if rule.threshold_after_2xx > rule.threshold:
+        found.append(
+            f"threshold_after_2xx ({rule.threshold_after_2xx}) is above threshold "
+            f"({rule.threshold}): a task seen alive would take more misses than one never "
+            "seen, and losing its seen-alive mark (bounded by --max-keys) would block it sooner"
+        )
+    if rule.probe_every is not None and rule.probe_every >= rule.block_for:
+        found.append(
+            f"probe_every ({format_duration(rule.probe_every)}) is not shorter than block_for "
+            f"({format_duration(rule.block_for)}): blocks end before any probe goes through"
+        )
+    return found
 
 
 def load_rules(path: str | Path) -> RuleSet:

@@ -41,6 +41,25 @@ def test_check_accepts_the_shipped_rules() -> None:
     assert 'rules/status.toml: rule "task-status": ok' in done.stdout
 
 
+def test_check_warns_of_settings_that_load_but_likely_misfire(tmp_path: Path) -> None:
+    rules = tmp_path / "a.toml"
+    rules.write_text(
+        rule_toml(threshold=3, threshold_after_2xx=5, block_for="10m", probe_every="10m")
+        + rule_toml(name="fine", path="/fine/{task_id}", threshold=5, threshold_after_2xx=3)
+    )
+    done = run_cli("check", "--rules", str(rules))
+    assert done.returncode == 0  # valid all the same
+    assert done.stdout.count(": ok (") == 2
+    assert done.stderr.splitlines() == [
+        f'{rules}: rule "task-status": warning: threshold_after_2xx (5) is above threshold (3): '
+        "a task seen alive would take more misses than one never seen, and losing its "
+        "seen-alive mark (bounded by --max-keys) would block it sooner",
+        f'{rules}: rule "task-status": warning: probe_every (10m) is not shorter than '
+        "block_for (10m): blocks end before any probe goes through",
+    ]
+    assert run_cli("check", "--rules", "rules/").stderr == ""  # the shipped rules: none
+
+
 def test_check_lists_every_error_and_exits_1(tmp_path: Path) -> None:
     (tmp_path / "a.toml").write_text(rule_toml(threshold=0, treshold=3))
     (tmp_path / "b.toml").write_text("[[rule]\n")
