@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate rule files (exit 1 on errors)")
     _add_rules_flag(check)
+    check.add_argument(  # as `promtool check rules FILE`, `nginx -t -c FILE`
+        "path", nargs="?", metavar="PATH", help="the same as --rules PATH"
+    )
 
     replay = commands.add_parser("replay", help="replay access logs through the rules offline")
     replay.add_argument("logs", nargs="+", metavar="LOG", help="access log (.gz too; - for stdin)")
@@ -135,6 +138,10 @@ def _one_line(exc: ConfigError) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.path is not None:
+        if args.rules is not None:
+            raise ConfigError("give the rules once: PATH or --rules PATH, not both")
+        args.rules = args.path
     path = _option(args, "rules", parse_path)
     try:
         rules = load_rules(path)

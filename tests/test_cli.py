@@ -60,6 +60,15 @@ def test_check_warns_of_settings_that_load_but_likely_misfire(tmp_path: Path) ->
     assert run_cli("check", "--rules", "rules/").stderr == ""  # the shipped rules: none
 
 
+def test_check_takes_the_rules_as_a_plain_argument_too(tmp_path: Path) -> None:
+    done = run_cli("check", "rules/")
+    assert done.returncode == 0, done.stderr
+    assert 'rules/status.toml: rule "task-status": ok' in done.stdout
+    done = run_cli("check", "rules/", "--rules", "rules/")
+    assert (done.returncode, done.stderr.count("\n")) == (2, 1)
+    assert "give the rules once" in done.stderr
+
+
 def test_check_lists_every_error_and_exits_1(tmp_path: Path) -> None:
     (tmp_path / "a.toml").write_text(rule_toml(threshold=0, treshold=3))
     (tmp_path / "b.toml").write_text("[[rule]\n")
