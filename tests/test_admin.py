@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import socket
+import time
 from typing import Any
 
 import aiohttp
@@ -235,6 +238,23 @@ async def test_with_a_token_every_admin_path_is_refused_without_it(
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     url = pg.admin("/admin/blocks/task-status/lost-1")
     assert (await call(http, "DELETE", url, headers=bearer))[0] == 204
+
+
+async def test_refused_admin_calls_are_logged_at_most_once_a_second_and_all_counted(
+    start_pollguard: StartPollguard, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pollguard")
+    pg = await start_pollguard(admin_token=TOKEN)
+    started = time.monotonic()
+    for _ in range(30):
+        assert (await call(http, "POST", pg.admin("/admin/reload")))[0] == 401
+    took = time.monotonic() - started
+    await asyncio.sleep(1.05)
+    assert (await call(http, "POST", pg.admin("/admin/reload")))[0] == 401  # logged, with the rest
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "admin_refused"]
+    assert 2 <= len(lines) <= 2 + int(took)  # not one a call
+    assert lines[0].refused_unlogged_since_last == 0  # type: ignore[attr-defined]
+    assert len(lines) + sum(r.refused_unlogged_since_last for r in lines) == 31  # type: ignore[attr-defined]
 
 
 def non_loopback_address(family: socket.AddressFamily) -> str | None:
