@@ -167,6 +167,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(json.dumps(to_json(result)))
     else:
         print(render(result), end="")
+    if result.tally.clock_steps:
+        print(
+            f"pollguard replay: the logs' clock stepped back {result.tally.clock_steps} time(s) "
+            "(daylight saving?); later lines were replayed shifted by the step",
+            file=sys.stderr,
+        )
     lines, unparsed = result.tally.lines, result.tally.unparsed
     if lines and unparsed == lines:  # like grep's 1: nothing in there was usable
         print(

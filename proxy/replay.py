@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,29 @@ class RuleCounts:
         }
 
 
+# A step back in the logs' time beyond this is their clock stepping, not lines out of
+# order (Apache logs a request when it began: a long request's line comes late).
+CLOCK_STEP = 300.0
+STEP_LINES = 3  # lines in a row that far behind: the clock stepped, they are not just late
+# ...and no further: daylight saving moves clocks by an hour (half an hour in a few
+# places); lines a day or a year behind are a stray old log, not this one's clock.
+MAX_STEP = 3 * 3600.0
+CLOCK_QUANTUM = 900.0
+
+
 class LogClock:
     """The replay's clock: the time of the line being replayed, never going backwards.
 
     Apache logs when a request began, so lines can be out of order by a request's
     duration; a live proxy's clock would not have run backwards over them either.
+
+    When STEP_LINES lines in a row are more than CLOCK_STEP (and at most MAX_STEP) behind
+    the clock, the log's clock has stepped back: a werkzeug log's local time at the
+    autumn's daylight-saving change, or the lines after one stamped up to MAX_STEP ahead.
+    The replay's clock then carries on from where it is, the later lines shifted by the
+    step (rounded to a quarter hour), where it would otherwise stand still until the log's
+    time caught up (an hour, or the rest of the log). A lone line from the past only
+    holds the clock still, as any late line does.
     """
 
     __slots__ = ("now",)
@@ -134,6 +153,7 @@ class Tally:
     unparsed: int = 0
     first: float = math.inf
     last: float = -math.inf
+    clock_steps: int = 0  # times the logs' clock stepped back by more than CLOCK_STEP
 
     @property
     def requests(self) -> int:
@@ -176,16 +196,41 @@ def replay(
                 raise ConfigError(f"{name}: cannot open: {exc.strerror or exc}") from None
         # Several logs merge by time: rotated files can come in any order
         # (access.log access.log.1 ...), and replicas' logs interleave.
-        blocks = readers[0].blocks() if len(readers) == 1 else [heapq.merge(*readers)]
+        # Lines of one second keep their files' order (the key: the time alone).
+        merged = heapq.merge(*readers, key=itemgetter(0))
+        blocks = readers[0].blocks() if len(readers) == 1 else [merged]
         # matcher.match per distinct request line only: a log repeats each poll many times
         seen: dict[bytes, tuple[str, str] | None] = {}
         single = engines[0].feed if len(engines) == 1 else None
         now = clock.now
+        began = math.inf
+        shift = 0.0  # added to the logs' times since their clock stepped back (LogClock)
+        behind = steps = 0
+        first_behind = 0.0
         try:
             for records in blocks:
                 for when, request, status in records:
+                    when += shift
                     if when > now:
+                        if now == -math.inf:
+                            began = when
                         now = clock.now = when
+                        behind = 0
+                    elif now - MAX_STEP <= when < now - CLOCK_STEP:
+                        behind += 1
+                        if behind == 1:
+                            first_behind = when
+                        if behind == STEP_LINES:
+                            # clocks step by whole quarter hours: the first line behind
+                            # came a moment after the last one ahead of it
+                            step = round((now - first_behind) / CLOCK_QUANTUM) * CLOCK_QUANTUM
+                            shift += step
+                            when += step
+                            if when > now:
+                                now = clock.now = when
+                            behind, steps = 0, steps + 1
+                    else:
+                        behind = 0
                     hit = seen.get(request, _UNSEEN)
                     if hit is _UNSEEN:
                         hit = _match(matcher, request, seen)
@@ -201,8 +246,9 @@ def replay(
     tally = Tally(
         lines=sum(r.lines for r in readers),
         unparsed=sum(r.unparsed for r in readers),
-        first=min(r.first for r in readers),
-        last=max(r.last for r in readers),
+        first=began,
+        last=now,  # the replay's clock at the end, steps back taken out
+        clock_steps=steps,
     )
     return Result(tally, tuple(engines))
 

@@ -264,6 +264,44 @@ def test_an_empty_log_or_some_lines_read_exit_0(tmp_path: Path) -> None:
         assert done.stderr == b""
 
 
+def counts(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k not in ("from", "to")}
+
+
+def test_a_clock_stepping_back_an_hour_is_replayed_as_time_going_on(tmp_path: Path) -> None:
+    # A werkzeug log in local time across the autumn's change: 01:59:45 ... 01:59:57,
+    # then 01:00:00 ... 01:00:42 again. With grace, a clock standing still for the hour
+    # would never block; the log must replay as the same polls 3 s apart would.
+    rules = ruleset(rule_toml(threshold=3, grace="30s"))
+    start = EPOCH + 3600 + 45  # local 01:59:45 on the day of EPOCH 01:00 (stamp() is UTC)
+    times = [start + 3 * i for i in range(20)]
+    stepped = [t - 3600 if t >= start + 15 else t for t in times]
+    logs = {}
+    for name, stamps in (("stepped", stepped), ("steady", times)):
+        lines = [log_line(t, "GET", "/test/status/lost", 404, "werkzeug") for t in stamps]
+        logs[name] = to_json(replay([str(write(tmp_path / f"{name}.log", lines))], rules))
+    assert counts(logs["stepped"]) == counts(logs["steady"])
+    assert logs["steady"]["rules"]["task-status"]["avoided"] == 9  # blocked at 30 s, 11th poll
+    assert (logs["stepped"]["from"], logs["stepped"]["to"]) == (logs["steady"]["from"],
+                                                               logs["steady"]["to"])  # fmt: skip
+    done = cli("replay", str(tmp_path / "stepped.log"), "--json")
+    assert done.returncode == 0
+    assert b"stepped back 1 time(s)" in done.stderr
+
+
+def test_several_logs_keep_their_order_within_a_second(tmp_path: Path) -> None:
+    # Rotated files named oldest first: lines of the same second must replay in that
+    # order, as the files concatenated would, not sorted by their text.
+    rules = ruleset(rule_toml(threshold=2))
+    older = [log_line(EPOCH, "GET", "/test/status/t", 404, "common")] * 2
+    newer = [log_line(EPOCH, "GET", "/test/status/t", 200, "common")]
+    apart = replay([str(write(tmp_path / "a.log.1", older)), str(write(tmp_path / "a.log", newer))],
+                   rules)  # fmt: skip
+    whole = replay([str(write(tmp_path / "whole.log", older + newer))], rules)
+    assert to_json(apart)["rules"] == to_json(whole)["rules"]
+    assert to_json(whole)["rules"]["task-status"]["false_blocks"] == 1  # blocked, then 200
+
+
 def test_hostile_lines_are_counted_unparsed_and_never_crash(tmp_path: Path) -> None:
     rng = random.Random(5)
     good = seed_polls("t1", [404] * 6)
