@@ -20,7 +20,7 @@ from proxy.matching import Matcher
 from proxy.metrics import NO_RULE, Metrics, RuleMetrics
 from proxy.rules import Rule, RuleSet, load_rules
 from proxy.serving import ProxyRequest, ProxyServer
-from proxy.settings import Address, Settings
+from proxy.settings import Address, Settings, redacted
 from proxy.state import Clock, StateStore
 from proxy.state.memory import MemoryState
 
@@ -310,18 +310,10 @@ class Pollguard:
             "event": "started",
             "listen": str(self.proxy_address),
             "admin": str(self.admin_address),
-            "upstream": str(self.settings.upstream),
+            "upstream": redacted(str(self.settings.upstream)),
             "rules": list(self.rules.names),
-            "state": _redacted(self.settings.state),
+            "state": redacted(self.settings.state),
         }
-
-
-def _redacted(url: str) -> str:
-    if url == "memory://":
-        return url
-    from proxy.state.redis import redacted
-
-    return redacted(url)
 
 
 def _changes(old: RuleSet, new: RuleSet) -> dict[str, list[str]]:

@@ -200,20 +200,35 @@ def parse_address(text: str) -> Address:
     return Address(host, int(port_text))
 
 
+def redacted(url: str) -> str:
+    """The URL without its password, fit for logs and error messages."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "<unparsable URL>"
+    return str(parsed.with_password("***")) if parsed.password else url
+
+
 def parse_state_url(text: str) -> str:
     if text == "memory://":
         return text
-    url = URL(text)
+    try:
+        url = URL(text)
+    except ValueError:
+        raise ValueError(
+            "expected memory:// or redis://host:port/db, got an unparsable URL"
+        ) from None
+    shown = redacted(text)  # errors quote the URL, never its password
     if url.scheme == "memory":  # memory:, memory://foo: no options to give, none ignored
-        raise ValueError(f"expected exactly memory:// for memory state, got {text!r}")
+        raise ValueError(f"expected exactly memory:// for memory state, got {shown!r}")
     if url.scheme in ("redis", "rediss") and url.host:
         db = url.path.strip("/")
         if db and not _DIGITS.fullmatch(db):
-            raise ValueError(f"expected a db number as the path, got {db!r} in {text!r}")
+            raise ValueError(f"expected a db number as the path, got {db!r} in {shown!r}")
         return text
     if url.scheme == "unix":
         return text
-    raise ValueError(f"expected memory:// or redis://host:port/db, got {text!r}")
+    raise ValueError(f"expected memory:// or redis://host:port/db, got {shown!r}")
 
 
 # isdigit() and int() take other scripts' digits (٣) and isdigit() superscripts (²) too.

@@ -179,8 +179,11 @@ def test_state_urls(text: str) -> None:
         ("redis://r/²", "expected a db number as the path, got '²'"),
         ("redis:///0", "expected memory:// or redis://host:port/db, got 'redis:///0'"),
         ("memcached://m", "expected memory:// or redis://host:port/db"),
+        ("redis://:s3cret@r:6380/two", "got 'two' in 'redis://:***@r:6380/two'"),
+        ("reddis://:s3cret@r:6380/2", "got 'reddis://:***@r:6380/2'"),
     ],
 )
 def test_state_urls_refused(text: str, message: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
         parse_state_url(text)
+    assert "s3cret" not in str(refused.value)  # errors quote the URL, never its password

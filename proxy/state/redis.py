@@ -38,6 +38,7 @@ from yarl import URL
 from proxy.errors import ConfigError, StateError
 from proxy.guard import Action, KeyState, Outcome
 from proxy.rules import Rule
+from proxy.settings import redacted
 from proxy.state import Block, Clock, Stats, held, stored
 from proxy.state.circuit import Circuit
 
@@ -57,15 +58,6 @@ _CHUNK = 500
 
 def _script(name: str) -> str:
     return resources.files("proxy.state").joinpath(name).read_text(encoding="utf-8")
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, fit for logs and error messages."""
-    try:
-        parsed = URL(url)
-    except ValueError:
-        return "<unparsable URL>"
-    return str(parsed.with_password("***")) if parsed.password else url
 
 
 class RedisState:
