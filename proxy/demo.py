@@ -151,7 +151,7 @@ async def _demo(
             await asyncio.sleep(max(0.0, t0 + restart_at - loop.time()))
             lost = {plain.backend.restart(), guarded.backend.restart()}
             print(f"  at {restart_at * SPEEDUP:.0f} s both backends restart and lose every task; "
-                  f"{' and '.join(map(str, sorted(lost)))} were still running",
+                  f"{' and '.join(map(str, sorted(lost)))} clients were still waiting on theirs",
                   file=out, flush=True)  # fmt: skip
             await asyncio.gather(*tasks)
         finally:
@@ -250,11 +250,13 @@ def _intro(
 
 
 def _describe(rule: Rule) -> str:
-    says = f"{rule.name}: stops a task after {rule.threshold_after_2xx} misses in a row"
-    if rule.threshold_after_2xx == rule.threshold and not rule.grace:
-        return says
-    grace = f" and {format_duration(rule.grace)}" if rule.grace else ""
-    return f"{says} if it was seen alive, else after {rule.threshold}{grace}"
+    observe = rule.mode == "observe"
+    verb = "would stop" if observe else "stops"
+    says = f"{rule.name}: {verb} a task after {rule.threshold_after_2xx} misses in a row"
+    if rule.threshold_after_2xx != rule.threshold or rule.grace:
+        grace = f" and {format_duration(rule.grace)}" if rule.grace else ""
+        says = f"{says} if it was seen alive, else after {rule.threshold}{grace}"
+    return f"{says} (observe mode: counts, never blocks)" if observe else says
 
 
 def _report(out: TextIO, plain: Side, guarded: Side, metrics: str) -> None:
@@ -321,6 +323,7 @@ def _stop_time(side: Side) -> str:
 _SHOWN = (
     'pollguard_requests_total{outcome="blocked"',
     'pollguard_requests_total{outcome="forwarded"',
+    'pollguard_requests_total{outcome="would_block"',
     "pollguard_keys_blocked_total{",
     "pollguard_upstream_misses_total{",
 )

@@ -55,6 +55,7 @@ class SampleBackend:
         self.log_clock = log_clock  # the demo logs in the app's time, not its sped-up own
         self.tasks: dict[str, float] = {}  # id -> when it started
         self.lost: dict[str, None] = {}  # ids a restart lost (a dict: ordered, to bound it)
+        self.told_done: dict[str, None] = {}  # ids whose client was answered is_completed
         self.requests = 0
         self.statuses: Counter[int] = Counter()  # of /test/status answers
 
@@ -67,13 +68,13 @@ class SampleBackend:
         return app
 
     def restart(self) -> int:
-        """Lose every task, as a backend restart did in the seed; returns how many were running."""
-        now = self.clock()
-        running = sum(1 for started in self.tasks.values() if now - started < self.complete_after)
+        """Lose every task, as a backend restart did in the seed; returns how many clients
+        were still waiting on theirs (running, or done without their client told so yet)."""
+        waiting = sum(1 for task_id in self.tasks if task_id not in self.told_done)
         for task_id in self.tasks:
             _bounded_add(self.lost, task_id, None)
         self.tasks.clear()
-        return running
+        return waiting
 
     async def start(self, request: web.Request) -> web.Response:
         task_id = str(uuid.uuid4())
@@ -89,6 +90,8 @@ class SampleBackend:
             started = self.clock()
             _bounded_add(self.tasks, task_id, started)
         progress = min(100, int(100 * (self.clock() - started) / self.complete_after))
+        if progress >= 100:
+            _bounded_add(self.told_done, task_id, None)
         return web.json_response(
             {"task_id": task_id, "progress": progress, "is_completed": progress >= 100}
         )

@@ -59,6 +59,8 @@ def test_demo_measures_both_sides_and_leaves_nothing_behind(tmp_path: Path) -> N
     lost = [number(c) for c in row(out, "clients whose task was lost")[:2]]
     polling = [number(c) for c in row(out, "  still polling when the demo ended")[:2]]
     assert lost[0] > 0
+    waiting = re.search(r"lose every task; ([\d and]+) clients were still waiting", out)
+    assert waiting is not None and str(lost[0]) in waiting.group(1).split(" and ")
     assert polling[0] == lost[0]  # without pollguard nobody stops
     assert polling[1] < lost[1]  # with it, the clients of lost tasks are told and stop
     assert number(row(out, "terminal answers from pollguard")[1]) > 0
@@ -81,7 +83,7 @@ def test_demo_measures_both_sides_and_leaves_nothing_behind(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        pytest.param(["--seconds", "0"], "--seconds: must be from 1 to 3600"),
+        pytest.param(["--seconds", "2"], "--seconds: must be from 3 to 3600"),
         pytest.param(["--rules", "nope"], "nope: no such file or folder"),
         pytest.param(["--rules", "OTHER"], "no rule in OTHER matches GET /test/status/<id>"),
         pytest.param(["--backend-only", "--listen", "nonsense"], "--listen: expected HOST:PORT"),
@@ -97,6 +99,30 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path: Path, args: list[str], messa
     assert done.returncode == 2
     assert message.replace("OTHER", str(other)) in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_an_observe_mode_rule_is_shown_as_such(tmp_path: Path) -> None:
+    rules = tmp_path / "observe.toml"
+    shipped = (ROOT / "rules" / "status.toml").read_text()
+    rules.write_text(shipped.replace('mode = "enforce"', 'mode = "observe"'))
+    done = cli("demo", "--seconds", "3", "--clients", "8", "--rules", str(rules), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "would stop a task after 3 misses" in done.stdout
+    assert "(observe mode: counts, never blocks)" in done.stdout
+    assert 'pollguard_requests_total{outcome="would_block",rule="task-status"}' in done.stdout
+
+
+def test_an_interrupted_demo_says_so(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(
+        [sys.executable, "-m", "proxy", "demo", "--seconds", "30", "--clients", "5"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as demo:  # fmt: skip
+        assert demo.stdout is not None and demo.stderr is not None
+        assert "both backends restart" not in demo.stdout.readline()  # it has begun
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=20) == 130
+        assert demo.stderr.read() == "pollguard demo: interrupted; nothing to report\n"
 
 
 def test_the_built_in_rule_is_the_shipped_one() -> None:
