@@ -186,7 +186,8 @@ def _chunks(stream: BinaryIO) -> Iterator[bytes]:
     """The stream's bytes, gunzipped if it starts like gzip (so `.gz` on stdin works too).
 
     Decompression is bounded per step (a small file cannot expand into memory all at
-    once); concatenated gzip members are read one after another, like zcat.
+    once); concatenated gzip members are read one after another, like zcat, and zero
+    padding after a member is skipped.
     ValueError for data that is not valid gzip, or ends in the middle of a member.
     """
     data = stream.read(CHUNK)
@@ -206,9 +207,14 @@ def _chunks(stream: BinaryIO) -> Iterator[bytes]:
                 out = inflate.decompress(inflate.unconsumed_tail, CHUNK)
         except zlib.error as exc:
             raise ValueError(f"not valid gzip data: {exc}") from None
-        data = inflate.unused_data if inflate.eof else b""
-        if not data:
+        if not inflate.eof:
             data = stream.read(CHUNK)
+            continue
+        # Between members, or after the last: zero bytes padding a file to a block size
+        # are skipped, as gzip(1) and Python's gzip module do.
+        data = inflate.unused_data.lstrip(b"\0")
+        while not data and (more := stream.read(CHUNK)):
+            data = more.lstrip(b"\0")
     if not inflate.eof:
         raise ValueError("the gzip data ends early (a file still being written?)")
 

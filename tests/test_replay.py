@@ -161,6 +161,23 @@ def test_every_format_gz_and_plain_replay_alike(tmp_path: Path) -> None:
     }  # fmt: skip
 
 
+def test_gzip_members_and_zero_padding_read_as_zcat_reads_them(tmp_path: Path) -> None:
+    lines = seed_polls("t1", [404] * 8)
+    plain = to_json(replay([str(write(tmp_path / "plain.log", lines))], ruleset()))
+    first, second = (gzip.compress(("\n".join(half) + "\n").encode())
+                     for half in (lines[:4], lines[4:]))  # fmt: skip
+    files = {
+        "two-members": first + second,
+        "padded": first + second + b"\0" * 70_000,  # more than one read's worth
+        "padded-between": first + b"\0" * 512 + second,
+    }
+    for name, data in files.items():
+        log = tmp_path / f"{name}.log.gz"
+        log.write_bytes(data)
+        assert gzip.decompress(data).decode().splitlines() == lines  # as Python's gzip reads it
+        assert counts(to_json(replay([str(log)], ruleset()))) == counts(plain), name
+
+
 def test_stdin_plain_and_gzip_through_the_real_cli(tmp_path: Path) -> None:
     rules = tmp_path / "rules.toml"
     rules.write_text(rule_toml())
