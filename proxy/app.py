@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.blocked import BlockedAnswer
-from proxy.errors import ConfigError, RulesError, StateError
+from proxy.errors import ConfigError, RulesError, StateError, os_reason
 from proxy.forward import Forwarder
 from proxy.guard import Action
 from proxy.logs import LineSink, access_logger, open_sink, server_logger
@@ -270,8 +270,7 @@ class Pollguard:
         try:
             await site.start()
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ConfigError(f"{name}: cannot listen on {address}: {reason}") from None
+            raise ConfigError(f"{name}: cannot listen on {address}: {os_reason(exc)}") from None
         host, port = runner.addresses[-1][:2]
         return Address(host, port)
 

@@ -8,6 +8,9 @@ PollguardError
 
 from __future__ import annotations
 
+import os
+import socket
+
 
 class PollguardError(Exception):
     """Base of every error pollguard raises deliberately."""
@@ -27,3 +30,16 @@ class RulesError(ConfigError):
 
 class StateError(PollguardError):
     """The state store could not answer in time; the request is forwarded anyway."""
+
+
+def os_reason(exc: OSError) -> str:
+    """The OS's short reason for `exc`: "Address already in use", as `strerror(3)` words it.
+
+    asyncio's and uvloop's bind errors carry a whole sentence as `strerror` ("error while
+    attempting to bind on address (...): address already in use"); the errno says it in
+    the words every other tool prints. A resolver error (`socket.gaierror`) has a
+    negative EAI_* code for its errno, which `strerror` does not know: its own text stands.
+    """
+    if exc.errno and exc.errno > 0 and not isinstance(exc, socket.gaierror):
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)

@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, os_reason
 from proxy.settings import Address
 
 V = TypeVar("V")
@@ -143,7 +143,7 @@ async def _serve(address: Address, log_path: str | None) -> None:
         try:
             await site.start()
         except OSError as exc:
-            raise ConfigError(f"--listen: cannot listen on {address}: {exc.strerror}") from None
+            raise ConfigError(f"--listen: cannot listen on {address}: {os_reason(exc)}") from None
         host, port = runner.addresses[0][:2]
         print(
             f"sample backend on http://{Address(host, port)}: POST /test/start, "

@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import replace
 
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, os_reason
 from proxy.settings import Address, Settings
 
 log = logging.getLogger("pollguard.workers")
@@ -63,8 +63,7 @@ def check_ports(settings: Settings) -> None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(where)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ConfigError(f"{flag}: cannot listen on {address}: {reason}") from None
+            raise ConfigError(f"{flag}: cannot listen on {address}: {os_reason(exc)}") from None
 
 
 def run_workers(settings: Settings, serve: Serve) -> int:
