@@ -201,12 +201,20 @@ def parse_address(text: str) -> Address:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, fit for logs and error messages."""
+    """The URL without its password, fit for logs and error messages.
+
+    redis-py also takes the password as a query parameter (`?password=`, the only way
+    to give one to a `unix://` socket URL): masked as well.
+    """
     try:
         parsed = URL(url)
     except ValueError:
         return "<unparsable URL>"
-    return str(parsed.with_password("***")) if parsed.password else url
+    shown = str(parsed.with_password("***")) if parsed.password else url
+    return _QUERY_PASSWORD.sub(r"\1***", shown)
+
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 def parse_state_url(text: str) -> str:

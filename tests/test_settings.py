@@ -19,6 +19,7 @@ from proxy.settings import (
     parse_state_url,
     parse_upstream,
     positive_int,
+    redacted,
 )
 
 UPSTREAM = "http://127.0.0.1:5000"
@@ -168,6 +169,22 @@ def test_positive_ints_refused(text: str) -> None:
 )
 def test_state_urls(text: str) -> None:
     assert parse_state_url(text) == text
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@r:6380/2", "redis://:***@r:6380/2"),
+        ("redis://r:6380/2?password=s3cret", "redis://r:6380/2?password=***"),
+        (
+            "unix:///run/redis.sock?db=0&password=s3cret&x=1",
+            "unix:///run/redis.sock?db=0&password=***&x=1",
+        ),
+        ("redis://r:6380/2", "redis://r:6380/2"),
+    ],
+)
+def test_redacted_masks_the_password_in_userinfo_and_query(url: str, shown: str) -> None:
+    assert redacted(url) == shown
 
 
 @pytest.mark.parametrize(
