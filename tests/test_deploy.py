@@ -284,6 +284,13 @@ def test_k8s_rules_configmap_passes_pollguard_check(tmp_path: Path) -> None:
     assert 'rule "task-status": ok' in result.stdout
 
 
+def test_k8s_rules_configmap_is_the_shipped_rule() -> None:
+    """The README's walk-through and rules/README.md's figures are the shipped rule's."""
+    data = k8s_objects()["ConfigMap/pollguard-rules"]["data"]
+    shipped = (REPO / "rules" / "status.toml").read_text(encoding="utf-8")
+    assert data == {"status.toml": shipped}
+
+
 def test_k8s_probes_and_ports_point_at_pollguard_admin_routes() -> None:
     container = k8s_container()
     settings = k8s_settings()
