@@ -59,7 +59,11 @@ SERVE_OPTIONS: dict[str, tuple[str, str | None, str]] = {
     "admin_listen": ("POLLGUARD_ADMIN_LISTEN", "127.0.0.1:9090", "HOST:PORT for metrics/admin"),
     "rules": ("POLLGUARD_RULES", "rules/", "a .toml rule file or a folder of them"),
     "state": ("POLLGUARD_STATE", "memory://", "memory:// or redis://host:port/db"),
-    "max_keys": ("POLLGUARD_MAX_KEYS", "100000", "memory state: keys kept per process"),
+    "max_keys": (
+        "POLLGUARD_MAX_KEYS",
+        "100000",
+        "memory state: counts, blocks and seen-alive marks kept per process, up to N each",
+    ),
     "upstream_timeout": (
         "POLLGUARD_UPSTREAM_TIMEOUT",
         "30s",
