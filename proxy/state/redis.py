@@ -3,7 +3,9 @@
 Keys, all under one prefix and hash-tagged by rule (every script touches one rule only):
 
     pollguard:{rule}:k:<task id>   hash m f l b p: guard.KeyState; expires with guard.expires()
-    pollguard:{rule}:a:<task id>   seen answered 2xx; expires `alive_ttl` after the last 2xx.
+    pollguard:{rule}:a:<task id>   seen answered 2xx; expires `alive_ttl` after it was last
+                                   written, which a process does at most every alive_ttl / 2
+                                   (_alive_marked): alive_ttl / 2 to alive_ttl after the last 2xx.
                                    Its value tags Rule.scope: flags have no index to drop
                                    them by, and one set before the rule's path or miss
                                    statuses changed is not trusted
