@@ -304,7 +304,11 @@ class _RuleReader:
         if name is None:
             self.fail("name", "missing (every rule needs a unique name)")
         elif not isinstance(name, str) or not _NAME.fullmatch(name):
-            self.fail("name", f"must be 1-63 letters, digits, '_', '.' or '-', got {name!r}")
+            self.fail(
+                "name",
+                "must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or"
+                f" digit, got {name!r}",
+            )
         elif name.lower() in _RESERVED_NAMES:
             self.fail("name", f'"{name}" is reserved (it labels traffic that matches no rule)')
         return name if isinstance(name, str) else ""

@@ -229,9 +229,9 @@ def test_reserved_and_invalid_names() -> None:
     assert errors_of(rule_toml(name="none")) == [
         'r.toml: rule "none": name: "none" is reserved (it labels traffic that matches no rule)'
     ]
-    assert errors_of(rule_toml(name="a b")) == [
-        "r.toml: rule \"a b\": name: must be 1-63 letters, digits, '_', '.' or '-', got 'a b'"
-    ]
+    must = "must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+    assert errors_of(rule_toml(name="a b")) == [f"r.toml: rule \"a b\": name: {must}, got 'a b'"]
+    assert errors_of(rule_toml(name="_x")) == [f"r.toml: rule \"_x\": name: {must}, got '_x'"]
     assert errors_of('[[rule]]\npath = "/a/{task_id}"\n') == [
         "r.toml: rule #1: name: missing (every rule needs a unique name)"
     ]
