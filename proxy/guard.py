@@ -1,8 +1,10 @@
 """The decision: given a key's state, the clock and an upstream status, what happens next.
 
-Pure and clock-injected: `serve`, `replay` and both state stores run exactly this, so
-a miss, a reset, a block and a probe mean the same everywhere. The Redis store's Lua
-scripts mirror these functions line for line; tests/test_state.py holds them to it.
+Pure and clock-injected: `serve` and `replay` run exactly this through the memory
+store, so a miss, a reset, a block and a probe mean the same in both. The Redis store's
+Lua scripts mirror these functions line for line (Redis runs the script, so one key's
+update is atomic across replicas); tests/test_state.py holds both stores to the same
+contract.
 
 A key is (rule, task id). Its life:
 
