@@ -35,9 +35,9 @@ NO_RULE = "none"
 OUTCOMES = ("forwarded", "blocked", "probe", "would_block", "upstream_error")
 RELOAD_RESULTS = ("ok", "error")
 # pollguard's own answers to a client at fault: malformed (400), CONNECT (405), a body too
-# slow (408) or too large (413), a transfer coding other than chunked (501). The upstream
-# did not fail them, so they are no outcome.
-REFUSED_STATUSES = ("400", "405", "408", "413", "501")
+# slow (408) or too large (413), header fields too large (431), a transfer coding other
+# than chunked (501). The upstream did not fail them, so they are no outcome.
+REFUSED_STATUSES = ("400", "405", "408", "413", "431", "501")
 STORES = ("memory", "redis")
 # Upstream latency from a fast in-memory lookup (sub-ms) up to the default 30s timeout.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -183,7 +183,8 @@ class Metrics:
         self.refused = Counter(
             "pollguard_refused_requests_total",
             "Requests pollguard answered itself because of the client: 400 malformed, "
-            "405 CONNECT, 408 body too slow, 413 body too large, 501 transfer coding "
+            "405 CONNECT, 408 body too slow, 413 body too large, 431 header fields too large, "
+            "501 transfer coding "
             "(not in pollguard_requests_total).",
             ["status"],
             registry=registry,

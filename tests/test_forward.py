@@ -771,6 +771,24 @@ async def test_a_request_trailer_never_becomes_a_field_of_the_next_request(
     await assert_serves(http, pg)
 
 
+async def test_header_fields_over_64_kib_in_all_are_a_431_and_never_forwarded(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    pg = await start_pollguard()
+    fields = [b"X-F%d: %s\r\n" % (i, b"v" * 1000) for i in range(80)]
+    for method, body in ((b"GET", b""), (b"POST", b"Content-Length: 2\r\n")):
+        # 60 of them (~60 KB) pass, then the same request with 80 (~80 KB) does not
+        for count, status in ((60, 200), (80, 431)):
+            head = b"%s /echo HTTP/1.1\r\nHost: h\r\n%s" % (method, body)
+            resp = await exchange(
+                connect, pg, head + b"".join(fields[:count]) + b"\r\n" + b"hi" * bool(body)
+            )
+            assert resp.status == status, (method, count)
+    assert len(upstream.requests) == 2  # the two under the limit only
+    await assert_serves(http, pg)
+
+
 async def test_connect_is_refused_and_never_forwarded(
     start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
     http: aiohttp.ClientSession,

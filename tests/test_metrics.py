@@ -16,6 +16,8 @@ from tests.conftest import Connect, StartPollguard
 from tests.support import Upstream, rule_toml, ruleset
 
 OUTCOMES = ("forwarded", "blocked", "probe", "would_block", "upstream_error")
+# 80 fields of 1,000 bytes: each under aiohttp's 8 KB a line, ~80 KB in all
+BIG_HEAD = b"".join(b"X-F%d: %s\r\n" % (i, b"v" * 1000) for i in range(80))
 
 
 async def scrape(
@@ -104,7 +106,7 @@ async def test_client_faults_are_refusals_not_upstream_errors(
     """A scanner's CONNECT or an oversized upload must not page anyone about the backend."""
     pg = await start_pollguard(max_body_size=1000)
     before = await scrape(http, pg.admin("/metrics"))
-    for status in ("400", "405", "408", "413", "501"):
+    for status in ("400", "405", "408", "413", "431", "501"):
         assert value(before, "pollguard_refused_requests_total", status=status) == 0
     sent = {
         b"GET /test/status/x HTTP/1.1\r\nHost: h\r\nBad Header\r\n\r\n": 400,
@@ -112,6 +114,8 @@ async def test_client_faults_are_refusals_not_upstream_errors(
         b"GET /test/status/x HTTP/1.1\r\nHost: h\r\nContent-Length: 1001\r\n\r\n": 413,
         b"POST /elsewhere HTTP/1.1\r\nHost: h\r\nContent-Length: 1001\r\n\r\n": 413,
         b"GET /test/status/x\r\n\r\n": 400,  # HTTP/0.9: no status line to answer with
+        b"GET /test/status/x HTTP/1.1\r\nHost: h\r\n" + BIG_HEAD + b"\r\n": 431,
+        b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n" + BIG_HEAD + b"\r\nhi": 431,
         b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
         b"2\r\nhi\r\n0\r\n\r\n": 501,  # the gzip coding would be lost on the way
     }
@@ -123,6 +127,7 @@ async def test_client_faults_are_refusals_not_upstream_errors(
     assert value(samples, "pollguard_refused_requests_total", status="400") == 2
     assert value(samples, "pollguard_refused_requests_total", status="405") == 1
     assert value(samples, "pollguard_refused_requests_total", status="501") == 1
+    assert value(samples, "pollguard_refused_requests_total", status="431") == 2
     assert value(samples, "pollguard_refused_requests_total", status="413") == 2
     for rule in ("task-status", "none"):
         for outcome in OUTCOMES:
