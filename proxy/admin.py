@@ -187,6 +187,9 @@ async def list_blocks(request: web.Request) -> web.StreamResponse:
     # ~0.75 s to format and encode, during which no poll was answered.
     resp = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
     await resp.prepare(request)
+    if request.method == "HEAD":  # the head alone: aiohttp would send what is written
+        await resp.write_eof()
+        return resp
     opening = b'{"blocks": ['
     for start in range(0, len(blocks), LIST_SLICE):
         part = ", ".join(

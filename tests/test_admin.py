@@ -99,6 +99,12 @@ async def test_many_blocks_are_listed_in_slices_as_one_json_document(
     assert [b["task_id"] for b in listed] == ids  # sorted, none lost or repeated
     assert raw == json.dumps({"blocks": listed}).encode()  # as one json.dumps() writes it
     assert (await call(http, "GET", pg.admin("/admin/blocks?rule=jobs")))[1] == {"blocks": []}
+    for _ in range(2):  # HEAD: the head alone, and the connection goes on
+        async with http.head(pg.admin("/admin/blocks")) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "application/json; charset=utf-8"
+            assert await resp.read() == b""
+        assert (await call(http, "GET", pg.admin("/admin/blocks?rule=jobs")))[0] == 200
 
 
 async def test_blocks_of_an_unknown_rule_is_a_400_naming_the_rules(
