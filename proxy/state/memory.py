@@ -8,6 +8,7 @@ mark is written only for a task the upstream answered 2xx.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Collection
@@ -21,6 +22,7 @@ from proxy.state import Block, Clock, Stats, every, held, stored
 from proxy.state.counts import Counts
 
 Key = tuple[str, str]
+LIST_SLICE = 5_000  # blocked keys listed between two turns of the event loop (~20 ms)
 
 
 class MemoryState:
@@ -91,11 +93,16 @@ class MemoryState:
     async def blocks(self, rule: str | None = None) -> list[Block]:
         blocks = self._blocks
         blocks.expire()
+        keys = [key for key in every(blocks) if rule is None or key[0] == rule]
         found = []
-        for key in every(blocks):
-            if rule is None or key[0] == rule:
-                state = stored(blocks, key)
-                found.append(Block(key[0], key[1], state.misses, state.blocked_until))
+        # A slice at a time, with the event loop let go in between: after a mass restart
+        # 100,000 blocks took ~0.25 s to list, during which no poll was answered.
+        for start in range(0, len(keys), LIST_SLICE):
+            for key in keys[start : start + LIST_SLICE]:
+                if held(blocks, key):  # not unblocked meanwhile
+                    state = stored(blocks, key)
+                    found.append(Block(key[0], key[1], state.misses, state.blocked_until))
+            await asyncio.sleep(0)
         return found
 
     async def unblock(self, rule: str, task_id: str) -> bool:
