@@ -66,6 +66,7 @@ def test_demo_measures_both_sides_and_leaves_nothing_behind(tmp_path: Path) -> N
     assert number(row(out, "terminal answers from pollguard")[1]) > 0
     assert row(out, "lost-task clients: time to stop (median)")[0] == "never"
     assert 'pollguard_keys_blocked_total{rule="task-status"}' in out
+    assert "would_block" not in out  # an enforcing rule's, always 0: not shown
     assert "pollguard replay" in out
 
     # the unguarded backend's log reads back: replay blocks the keys pollguard blocked
