@@ -21,7 +21,6 @@ import datetime
 import functools
 import io
 import itertools
-import math
 import re
 import sys
 import zlib
@@ -71,8 +70,6 @@ class LogReader:
         self.stream = stream
         self.lines = 0
         self.records = 0
-        self.first = math.inf  # the time of the first line read, and of the last
-        self.last = -math.inf
 
     @property
     def unparsed(self) -> int:
@@ -107,10 +104,7 @@ class LogReader:
                         times[stamp] = when
                     add((when, request, _STATUSES[status]))
                 self.lines += len(block)
-                if records:
-                    self.records += len(records)
-                    self.first = min(self.first, records[0][0])
-                    self.last = records[-1][0]
+                self.records += len(records)
                 yield records
         except (OSError, ValueError) as exc:
             raise UnreadableLog(f"{self.name}: cannot read: {exc}") from None
