@@ -23,10 +23,10 @@ from proxy.settings import (
     SERVE_OPTIONS,
     Settings,
     build_settings,
-    env_value,
-    option_name,
+    parse_option,
     parse_path,
     positive_int,
+    read_option,
 )
 
 EXIT_OK, EXIT_FOUND_ERRORS, EXIT_USAGE = 0, 1, 2
@@ -109,17 +109,9 @@ def _add_rules_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _option(args: argparse.Namespace, key: str, parse: Callable[[str], T]) -> T:
-    """A `check`/`replay` option of serve's: the flag, else its environment variable
-    (empty is unset), else the default; a mistake names where the value came from."""
-    env, default, _help = SERVE_OPTIONS[key]
-    flag: str | None = getattr(args, key)
-    from_env = env_value(env) if flag is None else None
-    text = flag if flag is not None else from_env if from_env is not None else default or ""
-    try:
-        return parse(text)
-    except ValueError as exc:
-        name = option_name(key, () if from_env is None else (key,))
-        raise ConfigError(f"{name}: {exc}") from None
+    """A `check`/`replay` option of serve's, read and parsed as serve reads it."""
+    value, from_env = read_option(key, getattr(args, key))
+    return parse_option(key, value, parse, (key,) if from_env else ())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -216,12 +208,10 @@ def serve_settings(args: argparse.Namespace) -> Settings:
     """Each flag, else its environment variable (empty is unset), else its default."""
     values: dict[str, str | None] = {}
     from_env: set[str] = set()
-    for key, (env, _default, _help) in SERVE_OPTIONS.items():
-        values[key] = getattr(args, key)
-        if values[key] is None:
-            values[key] = env_value(env)
-            if values[key] is not None:
-                from_env.add(key)
+    for key in SERVE_OPTIONS:
+        values[key], env = read_option(key, getattr(args, key))
+        if env:
+            from_env.add(key)
     return build_settings(values, from_env=from_env)
 
 

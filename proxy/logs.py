@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import StreamResponse
 
 from proxy.blocked import BlockedAnswer
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, os_reason
 from proxy.serving import ProxyRequest
 
 FLUSH_EVERY = 0.2  # seconds; lines are written in batches, not one syscall each
@@ -127,7 +127,7 @@ def _open(path: str, name: str) -> IO[bytes]:
     try:
         return open(path, "ab")
     except OSError as exc:
-        raise ConfigError(f"{name}: cannot open {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"{name}: cannot open {path}: {os_reason(exc)}") from None
 
 
 def access_logger(sink: LineSink | None) -> type[AbstractAccessLogger]:

@@ -100,6 +100,27 @@ def option_name(key: str, from_env: Collection[str] = ()) -> str:
     return SERVE_OPTIONS[key][0] if key in from_env else "--" + key.replace("_", "-")
 
 
+def read_option(key: str, flag: str | None) -> tuple[str | None, bool]:
+    """A setting's text: its flag, else its environment variable (empty is unset), else
+    None (its default applies); and whether it came from the environment."""
+    if flag is not None:
+        return flag, False
+    value = env_value(SERVE_OPTIONS[key][0])
+    return value, value is not None
+
+
+def parse_option(
+    key: str, value: str | None, parse: Callable[[str], T], from_env: Collection[str] = ()
+) -> T:
+    """`value` (None: the default) parsed; ConfigError names the flag, or for a key in
+    `from_env` the environment variable the value was read from."""
+    text = value if value is not None else (SERVE_OPTIONS[key][1] or "")
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"{option_name(key, from_env)}: {exc}") from None
+
+
 def build_settings(values: Mapping[str, str | None], *, from_env: Collection[str] = ()) -> Settings:
     """Flag/env strings -> Settings; ConfigError says what was wrong, and where: the flag,
     or for the keys in `from_env` the environment variable the value was read from."""
@@ -108,12 +129,7 @@ def build_settings(values: Mapping[str, str | None], *, from_env: Collection[str
         raise ConfigError("--upstream is required (or set POLLGUARD_UPSTREAM)")
 
     def opt(key: str, parse: Callable[[str], T]) -> T:
-        value = values.get(key)
-        text = value if value is not None else (SERVE_OPTIONS[key][1] or "")
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise ConfigError(f"{option_name(key, from_env)}: {exc}") from None
+        return parse_option(key, values.get(key), parse, from_env)
 
     return Settings(
         upstream=opt("upstream", parse_upstream),
