@@ -27,7 +27,7 @@ from proxy.state.memory import MemoryState
 log = logging.getLogger("pollguard")
 
 # pollguard's own answers when the upstream failed: unreachable, too slow. Its others
-# (400, 405, 408, 413, 501) are refusals of a client at fault.
+# (metrics.REFUSED_STATUSES) are refusals of a client at fault.
 UPSTREAM_FAILED = (502, 504)
 
 

@@ -184,8 +184,7 @@ class Metrics:
             "pollguard_refused_requests_total",
             "Requests pollguard answered itself because of the client: 400 malformed, "
             "405 CONNECT, 408 body too slow, 413 body too large, 431 header fields too large, "
-            "501 transfer coding "
-            "(not in pollguard_requests_total).",
+            "501 transfer coding (not in pollguard_requests_total).",
             ["status"],
             registry=registry,
         )
