@@ -18,6 +18,7 @@ in plain attributes, and the handler's decision for the access log.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
 from typing import Any
@@ -42,6 +43,11 @@ from proxy.headers import RawHeaders
 from proxy.wire import EMPTY_HEADERS
 
 _NOT_HTTP1 = "only HTTP/1.0 and HTTP/1.1 are served"
+_FRAGMENT = "a '#' in the request target"  # RFC 9112 3.2: no fragment; HAProxy answers 400
+_BAD_HOST = "invalid Host field"
+# What a Host field may hold: RFC 3986's host (a name, IPv4 or [IP-literal]) and port,
+# possibly empty (RFC 9112 3.2). A space, `/` or `@` in it is a 400, as in nginx.
+_HOST = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=%:\[\]-]*")
 
 
 class ProxyConnection(RequestHandler):
@@ -68,6 +74,28 @@ class ProxyConnection(RequestHandler):
             self._log_ns: Callable[[web.BaseRequest, web.StreamResponse, int], None] = getattr(
                 logger, "log_ns", lambda request, resp, ns: logger.log(request, resp, ns / 1e9)
             )
+
+    # The last Host found valid: a poller sends the same one on every request.
+    valid_host: str | None = None
+
+    def malformed(self, message: RawRequestMessage) -> str | None:
+        """Why a request aiohttp parsed must get a 400 anyway, or None.
+
+        HTTP/0.9 (`GET /`, no version): aiohttp parses it, but it has no status line or
+        fields to answer with, and forwarding it would make it HTTP/1.1. A `#` would let
+        `/test/status/lost-1#x` pass as another key than the blocked `lost-1`.
+        """
+        version = message.version
+        if version is not HttpVersion11 and version is not HttpVersion10:
+            return _NOT_HTTP1
+        if "#" in message.path:
+            return _FRAGMENT
+        host = message.headers.get("Host")
+        if host is not None and host != self.valid_host:
+            if _HOST.fullmatch(host) is None:
+                return _BAD_HOST
+            self.valid_host = host
+        return None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -101,12 +129,10 @@ class ProxyConnection(RequestHandler):
 
             manager.requests_count += 1
             writer = StreamWriter(self, loop)
-            if not isinstance(message, _ErrInfo) and (
-                message.version is not HttpVersion11 and message.version is not HttpVersion10
-            ):
-                # HTTP/0.9 (`GET /`, no version): aiohttp parses it, but it has no status
-                # line or fields to answer with, and forwarding it would make it HTTP/1.1.
-                message = _ErrInfo(400, BadHttpMessage(_NOT_HTTP1), _NOT_HTTP1)
+            if not isinstance(message, _ErrInfo):
+                wrong = self.malformed(message)
+                if wrong is not None:
+                    message = _ErrInfo(400, BadHttpMessage(wrong), wrong)
             if isinstance(message, _ErrInfo):  # a malformed request: its 400
                 self.on_malformed(message.status)
                 request_handler = self._make_error_handler(message)

@@ -305,7 +305,6 @@ ODD_TARGETS = [
     "/echo?q=/x?y=1",
     "/echo?",
     "/echo/?%",
-    "/echo#not-a-fragment",
     "//echo",
 ]
 
@@ -319,6 +318,44 @@ async def test_raw_path_and_query_are_forwarded_byte_for_byte(
         await conn.send(f"GET {target} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
         await conn.response()
     assert upstream.raw_paths == ODD_TARGETS
+
+
+@pytest.mark.parametrize(
+    "request_line, host",
+    [
+        ("GET /test/status/lost-1#x HTTP/1.1", "h"),  # else another key than lost-1
+        ("GET http://h/echo#x HTTP/1.1", "h"),
+        ("GET /echo?a=#b HTTP/1.1", "h"),
+        ("GET /echo HTTP/1.1", "a b"),
+        ("GET /echo HTTP/1.1", "a/b"),
+        ("GET /echo HTTP/1.1", "user@a"),
+        ("GET /echo HTTP/1.1", "a\tb"),
+        ("GET /echo HTTP/1.0", "caf\u00e9.example"),
+    ],
+)
+async def test_a_fragment_or_an_invalid_host_is_a_400_the_upstream_never_sees(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession, request_line: str, host: str,
+) -> None:  # fmt: skip
+    pg = await start_pollguard()
+    raw = f"{request_line}\r\nHost: {host}\r\n\r\n".encode()
+    assert (await exchange(connect, pg, raw)).status == 400
+    assert upstream.requests == []
+    await assert_serves(http, pg)
+
+
+async def test_hosts_of_every_valid_form_are_forwarded(
+    start_pollguard: StartPollguard, connect: Connect
+) -> None:
+    pg = await start_pollguard()
+    for host in ("", "api.example.com:8443", "[::1]:8080", "10.0.0.1", "my_svc.internal",
+                 "xn--caf-dma.example", "a%41b"):  # fmt: skip
+        seen = await echo(connect, pg, f"GET /echo HTTP/1.1\r\nHost: {host}\r\n\r\n")
+        assert header_values(seen, "Host") == [host]
+    conn = await connect(pg)  # the Host found valid is remembered: the next one still checked
+    for host, status in (("h", 200), ("h", 200), ("h h", 400)):
+        await conn.send(f"GET /echo HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert (await conn.response()).status == status
 
 
 async def test_an_absolute_form_target_is_forwarded_as_its_path(

@@ -114,6 +114,8 @@ async def test_client_faults_are_refusals_not_upstream_errors(
         b"GET /test/status/x HTTP/1.1\r\nHost: h\r\nContent-Length: 1001\r\n\r\n": 413,
         b"POST /elsewhere HTTP/1.1\r\nHost: h\r\nContent-Length: 1001\r\n\r\n": 413,
         b"GET /test/status/x\r\n\r\n": 400,  # HTTP/0.9: no status line to answer with
+        b"GET /test/status/x#y HTTP/1.1\r\nHost: h\r\n\r\n": 400,
+        b"GET /test/status/x HTTP/1.1\r\nHost: h h\r\n\r\n": 400,
         b"GET /test/status/x HTTP/1.1\r\nHost: h\r\n" + BIG_HEAD + b"\r\n": 431,
         b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n" + BIG_HEAD + b"\r\nhi": 431,
         b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
@@ -124,7 +126,7 @@ async def test_client_faults_are_refusals_not_upstream_errors(
         await conn.send(raw)
         assert (await conn.response()).status == status
     samples = await scrape(http, pg.admin("/metrics"))
-    assert value(samples, "pollguard_refused_requests_total", status="400") == 2
+    assert value(samples, "pollguard_refused_requests_total", status="400") == 4
     assert value(samples, "pollguard_refused_requests_total", status="405") == 1
     assert value(samples, "pollguard_refused_requests_total", status="501") == 1
     assert value(samples, "pollguard_refused_requests_total", status="431") == 2
