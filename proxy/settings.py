@@ -163,25 +163,26 @@ def parse_access_log(text: str) -> str:
 
 
 def parse_upstream(text: str) -> URL:
+    shown = redacted(text)  # errors quote the URL, never its password
     try:
         url = URL(text)
     except ValueError as exc:
-        raise ValueError(f"not a URL: {text!r} ({exc})") from None
+        raise ValueError(f"not a URL: {shown!r} ({exc})") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"must be an http:// or https:// URL with a host, got {text!r}")
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {shown!r}")
     if url.query_string or url.fragment:
-        raise ValueError(f"must not have a query or fragment, got {text!r}")
+        raise ValueError(f"must not have a query or fragment, got {shown!r}")
     if not _is_host(url.host, url.raw_host or ""):
         raise ValueError(
             f"expected an IP address or a host name (letters, digits, hyphens, dots) "
-            f"as the host, got {url.host!r} in {text!r}"
+            f"as the host, got {url.host!r} in {shown!r}"
         )
     try:
         port = url.explicit_port  # yarl validates the port lazily
     except ValueError:
-        raise ValueError(f"bad port in {text!r}") from None
+        raise ValueError(f"bad port in {shown!r}") from None
     if port is not None and not 1 <= port <= 65535:
-        raise ValueError(f"the port must be from 1 to 65535, got {port} in {text!r}")
+        raise ValueError(f"the port must be from 1 to 65535, got {port} in {shown!r}")
     return url
 
 
@@ -224,29 +225,33 @@ def redacted(url: str) -> str:
     """The URL without its password, fit for logs and error messages.
 
     redis-py also takes the password as a query parameter (`?password=`, the only way
-    to give one to a `unix://` socket URL): masked as well.
+    to give one to a `unix://` socket URL): masked as well. A URL yarl cannot parse
+    (`http://u:pw@host:99999`) has its password masked as text.
     """
     try:
         parsed = URL(url)
     except ValueError:
-        return "<unparsable URL>"
-    shown = str(parsed.with_password("***")) if parsed.password else url
+        shown = _USERINFO_PASSWORD.sub(r"\1***@", url)
+    else:
+        shown = str(parsed.with_password("***")) if parsed.password else url
     return _QUERY_PASSWORD.sub(r"\1***", shown)
 
 
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+# `//user:` then the password, up to the last `@` before the path (RFC 3986 3.2)
+_USERINFO_PASSWORD = re.compile(r"(//[^/?#@:]*:)[^/?#]*@")
 
 
 def parse_state_url(text: str) -> str:
     if text == "memory://":
         return text
+    shown = redacted(text)  # errors quote the URL, never its password
     try:
         url = URL(text)
-    except ValueError:
+    except ValueError as exc:
         raise ValueError(
-            "expected memory:// or redis://host:port/db, got an unparsable URL"
+            f"expected memory:// or redis://host:port/db, got {shown!r} ({exc})"
         ) from None
-    shown = redacted(text)  # errors quote the URL, never its password
     if url.scheme == "memory":  # memory:, memory://foo: no options to give, none ignored
         raise ValueError(f"expected exactly memory:// for memory state, got {shown!r}")
     if url.scheme in ("redis", "rediss") and url.host:

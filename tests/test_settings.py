@@ -134,6 +134,17 @@ def test_upstreams_refused(text: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "text",
+    ["http://u:s3cret@h:99999", "http://u:s3cret@[::1", "ftp://u:s3cret@h", "http://u:s3cret@",
+     "http://u:s3cret@h/?a=1", "http://u:s3cret@exa mple.com", "http://u:s3cret@h:0"],
+)  # fmt: skip
+def test_upstream_errors_never_quote_the_password(text: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        parse_upstream(text)
+    assert "s3cret" not in str(refused.value) and "u:***@" in str(refused.value)
+
+
+@pytest.mark.parametrize(
     ("text", "address"),
     [
         ("127.0.0.1:8080", Address("127.0.0.1", 8080)),
@@ -181,6 +192,9 @@ def test_state_urls(text: str) -> None:
             "unix:///run/redis.sock?db=0&password=***&x=1",
         ),
         ("redis://r:6380/2", "redis://r:6380/2"),
+        ("http://u:s3cret@h:99999/x", "http://u:***@h:99999/x"),  # yarl refuses the port
+        ("redis://:p@ss@[::1/0", "redis://:***@[::1/0"),  # an unescaped @ in the password
+        ("redis://[::1/0?password=s3cret", "redis://[::1/0?password=***"),
     ],
 )
 def test_redacted_masks_the_password_in_userinfo_and_query(url: str, shown: str) -> None:
@@ -198,6 +212,7 @@ def test_redacted_masks_the_password_in_userinfo_and_query(url: str, shown: str)
         ("memcached://m", "expected memory:// or redis://host:port/db"),
         ("redis://:s3cret@r:6380/two", "got 'two' in 'redis://:***@r:6380/two'"),
         ("reddis://:s3cret@r:6380/2", "got 'reddis://:***@r:6380/2'"),
+        ("redis://:s3cret@[::1/0", "got 'redis://:***@[::1/0' (Invalid IPv6 URL)"),
     ],
 )
 def test_state_urls_refused(text: str, message: str) -> None:
