@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
@@ -10,6 +11,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -280,13 +282,38 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
-    """A port nothing listens on right now (bound and released; fine on loopback in tests)."""
-    import socket
+    """A loopback port nothing listens on right now: free_ports(1)."""
+    return free_ports(1)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive loopback ports that are free right now, below the
+    kernel's ephemeral range. A server started later binds them: a port from that range
+    (bind to port 0) can meanwhile become a client socket's own source port, and the
+    server then fails with Address already in use (test_workers' health checks took a
+    worker's admin port once)."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(100):
+        base = rng.randrange(max(1024, low - 12_000), low - count)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives client sockets (Linux; 32768 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import json
 import random
-import socket
 import time
 import tracemalloc
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 
 from tests.conftest import Connect, Running, StartPollguard
 from tests.rawhttp import RawResponse, Request, StartBackend, hang
-from tests.support import Upstream, pattern
+from tests.support import Upstream, free_port, pattern
 
 MiB = 1024 * 1024
 
@@ -61,13 +60,6 @@ def metric(text: str, sample: str) -> float:
         if line.startswith(sample + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{sample} not exposed")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 FORWARDED = {"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Via"}

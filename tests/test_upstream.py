@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -21,7 +20,7 @@ import pytest
 from proxy.upstream import UpstreamPool
 from tests.conftest import Connect, Running, StartPollguard
 from tests.rawhttp import Backend, Request, StartBackend, hang
-from tests.support import pattern
+from tests.support import free_port, pattern
 
 
 def ok(body: bytes, *fields: bytes) -> bytes:
@@ -83,13 +82,6 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 2.0) -> None:
 async def through(start_pollguard: StartPollguard, up: Backend, **settings: float) -> Running:
     """pollguard in front of `up`; a short drain so a stuck request cannot stall teardown."""
     return await start_pollguard(upstream_url=up.url, drain_timeout=1.0, **settings)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # --- 1. keep-alive reuse ----------------------------------------------------------------

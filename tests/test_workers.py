@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -25,6 +23,7 @@ from tests.support import (
     Upstream,
     cli_env,
     free_port,
+    free_ports,
     rule_toml,
     sighup_while_starting,
 )
@@ -57,34 +56,6 @@ async def start_workers(
     for worker in range(count):
         await wait_healthy(admin_url(pg, "/healthz", worker))
     return pg
-
-
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive loopback ports that are free right now, below the
-    kernel's ephemeral range: a worker binds its admin port after the test has begun
-    connecting to the others, and a port in that range can meanwhile become a client
-    socket's own (the test's health checks took worker 1's once: Address already in use)."""
-    low = _ephemeral_low()
-    rng = random.Random()
-    for _ in range(100):
-        base = rng.randrange(max(1024, low - 12_000), low - count)
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(base, base + count):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise AssertionError(f"no {count} consecutive free ports")
-
-
-def _ephemeral_low() -> int:
-    """The lowest port the kernel gives client sockets (Linux; 32768 elsewhere)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
 
 
 def admin_url(pg: ServeProcess, path: str, worker: int = 0) -> str:
