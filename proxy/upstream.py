@@ -36,14 +36,16 @@ class UpstreamConnection(ResponseHandler):
 
     Bytes arriving while the connection sits idle in the pool (an upstream speaking out
     of turn) close it, so they can never be taken for the answer to the next request.
-    An answer to HEAD ends with its head, whatever follows (RFC 9112 6.3): a body sent
-    anyway is dropped and the connection not reused, where aiohttp's parser would take
-    it for a malformed next answer and fail the HEAD's with it.
+    An answer to HEAD, a 204 and a 304 end with their head, whatever follows (RFC 9112
+    6.3): a body sent anyway is dropped and the connection not reused, as nginx does,
+    where aiohttp's parser would take it for a malformed next answer and fail this one
+    with it (a 502).
     """
 
     idle = False
     parser_for: bool | None = None  # whether its parser reads a HEAD's answers; None: none yet
     head_only = False  # a HEAD's answer is awaited
+    in_head = False  # an answer's final head is awaited
     _head = b""  # its current head so far, already fed to the parser
     # Forwarder's: its last answer's raw header fields, and what it made of them
     answer_fields: tuple[RawHeaders, tuple[bytes, bool]] | None = None
@@ -54,8 +56,15 @@ class UpstreamConnection(ResponseHandler):
             if self.transport is not None:
                 self.transport.close()
             return
-        if self.head_only:
-            data = self._up_to_final_head(data)
+        if self.in_head:
+            status = data[9:12]  # "HTTP/1.1 200": an answer that can have a body is let be
+            if (
+                self.head_only or self._head or len(status) < 3 or status[0] == 49  # b"1"
+                or status == b"204" or status == b"304"
+            ):  # fmt: skip
+                data = self._up_to_final_head(data)
+            else:
+                self.in_head = False
         super().data_received(data)
 
     def resume_reading(self, resume_parser: bool = True) -> None:
@@ -76,18 +85,22 @@ class UpstreamConnection(ResponseHandler):
         self.set_exception(ServerTimeoutError("Timeout on reading data from socket"))
 
     def _up_to_final_head(self, data: bytes) -> bytes:
+        """`data` to the end of the final head when the answer can have no body, else all."""
         seen = self._head
         buf = seen + data
         start = 0
         while (end := buf.find(b"\r\n\r\n", start)) >= 0:
-            if buf[start + 9 : start + 10] == b"1":  # "HTTP/1.1 1xx": an interim head
+            status = buf[start + 9 : start + 12]  # "HTTP/1.1 204"
+            if status[:1] == b"1":  # an interim head (103 Early Hints)
                 start = end + 4
                 continue
-            self.head_only = False
+            self.in_head = False
             self._head = b""
+            if not self.head_only and status != b"204" and status != b"304":
+                return data
             cut = end + 4 - len(seen)
             if cut < len(data):
-                self.force_close()  # the rest is a body a HEAD's answer cannot have
+                self.force_close()  # the rest is a body this answer cannot have
             return data[:cut]
         self._head = buf[start:]
         return data
@@ -226,6 +239,7 @@ class UpstreamPool:
             )
             proto.parser_for = head_only
         proto.head_only = head_only
+        proto.in_head = True
         loop = asyncio.get_running_loop()
         waiting = self._waiting
         try:

@@ -659,6 +659,41 @@ async def test_a_body_sent_to_head_anyway_is_dropped_and_its_connection_not_kept
     assert up.accepted == 2  # not the HEAD's connection again
 
 
+@pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
+@pytest.mark.parametrize("shape", ["in-one-write", "after-an-interim-103", "head-split-at-its-end"])
+async def test_a_body_sent_with_a_204_or_304_anyway_is_dropped_not_a_502(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, shape: str,
+    status: bytes,
+) -> None:  # fmt: skip
+    # RFC 9112 6.3: neither has a body, whatever its length says; nginx relays the head
+    # and closes the connection. aiohttp's parser takes the bytes for the next answer.
+    bodiless = b'HTTP/1.1 %s\r\nContent-Length: 5\r\nETag: "e"\r\n\r\nhello' % status
+
+    async def says_too_much(request: Request) -> None:
+        if request.path != "/none":
+            request.writer.write(ok(b"g" * 10))
+        elif shape == "in-one-write":
+            request.writer.write(bodiless)
+        elif shape == "after-an-interim-103":
+            request.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n" + bodiless)
+        else:  # the head's blank line split across two reads, the body behind it
+            cut = bodiless.index(b"\r\n\r\n") + 2
+            request.writer.write(bodiless[:cut])
+            await request.writer.drain()
+            await asyncio.sleep(0.05)
+            request.writer.write(bodiless[cut:])
+
+    up = await backend(says_too_much)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    for _ in range(2):
+        reply = await client.get("/none")
+        assert (reply.status, reply.get("ETag"), reply.body) == (int(status[:3]), '"e"', b"")
+        reply = await client.get("/g")  # the dropped bytes garble nothing that follows
+        assert (reply.status, reply.body) == (200, b"g" * 10)
+    assert up.accepted == 3  # the GET's connection kept, neither 204's nor 304's
+
+
 # --- 8. a body delimited by the close ---------------------------------------------------
 
 
