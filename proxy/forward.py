@@ -2,8 +2,9 @@
 
 What reaches the upstream is the client's request unchanged in meaning: method, the raw
 path and query byte for byte, headers minus hop-by-hop ones (RFC 9110 7.6.1) plus
-X-Forwarded-* and Via. What comes back is passed on as is: redirects are not followed,
-compressed bodies are not decoded. The upstream's failures become small JSON answers.
+X-Forwarded-* and Via. What comes back is passed on as is (relay.py): redirects are not
+followed, compressed bodies are not decoded. The upstream's failures become small JSON
+answers.
 """
 
 from __future__ import annotations
@@ -16,29 +17,17 @@ from typing import NamedTuple
 
 import aiohttp
 from aiohttp import hdrs, web
-from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.streams import StreamReader
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.headers import (
-    RawHeaders,
-    request_fields,
-    request_headers,
-    request_line,
-    response_fields,
-    response_headers,
-)
+from proxy.headers import request_fields, request_headers, request_line
+from proxy.relay import Relay
 from proxy.serving import ProxyConnection
-from proxy.upstream import UpstreamConnection, UpstreamPool
+from proxy.upstream import UpstreamPool
 from proxy.websocket import client_websocket, handshake, pump
-from proxy.wire import WireResponse, connection_line, date_line
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# Bodies up to this size are read whole and sent in one write (nginx's proxy_buffering
-# does the same); longer or unsized ones stream chunk by chunk.
-BUFFER_LIMIT = 64 * 1024
 # Headers aiohttp's client would add on its own; a proxy must not invent them.
 _NO_AUTO_HEADERS: CIMultiDict[None] = CIMultiDict(
     (name, None) for name in ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -129,6 +118,7 @@ class Forwarder:
             total=None, connect=None, sock_connect=timeout, sock_read=timeout
         )
         self._upstream_timeout = timeout
+        self._relay = Relay(timeout, client_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None
 
@@ -215,7 +205,7 @@ class Forwarder:
                 request.method, url, headers=headers, data=body, allow_redirects=False
             ) as up:
                 elapsed = perf_counter_ns() - started
-                answer = await self._respond(
+                answer = await self._relay.answer(
                     request, up.status, up.reason or "", up.headers, up.raw_headers,
                     up.content_length, up.content,
                 )  # fmt: skip
@@ -248,7 +238,7 @@ class Forwarder:
         elapsed = perf_counter_ns() - started
         length = message.headers.get("Content-Length")
         try:
-            answer = await self._respond(
+            answer = await self._relay.answer(
                 request, message.code, message.reason, message.headers, message.raw_headers,
                 int(length) if length is not None and not message.chunked else None, payload,
                 proto,
@@ -300,56 +290,6 @@ class Forwarder:
                 raise _ClientFault(413, "request body too large")
             yield chunk
 
-    async def _respond(
-        self,
-        request: web.BaseRequest,
-        status: int,
-        reason: str,
-        src_headers: CIMultiDictProxy[str],
-        raw_headers: RawHeaders,
-        length: int | None,
-        content: StreamReader,
-        conn: UpstreamConnection | None = None,
-    ) -> web.StreamResponse:
-        """The upstream's answer for the client: read whole when small, else streamed.
-
-        `conn`: the pooled connection it came on, which remembers its last answer's fields.
-        """
-        if request.method == "HEAD" or status in (204, 304) or status < 200:
-            return Relayed(status, reason, *_relayed_fields(src_headers, raw_headers, conn), b"")
-        if length is not None and length <= BUFFER_LIMIT:
-            if content.is_eof():  # usually all there already, in the same read as the head
-                body = content.read_nowait()
-            else:
-                async with asyncio.timeout(self._upstream_timeout):  # nginx's proxy_read_timeout
-                    body = await content.read()
-            return Relayed(status, reason, *_relayed_fields(src_headers, raw_headers, conn), body)
-        headers = response_headers(src_headers)
-        resp = _Streamed(status=status, reason=reason, headers=headers)
-        if length is None and request.version < HttpVersion11:
-            # The body ends at the close for this client (no chunking in HTTP/1.0): aiohttp
-            # knows it, but leaves keep-alive on, so the client would wait for its timeout.
-            resp.force_close()
-        await resp.prepare(request)
-        try:
-            while True:
-                # an upstream stalling mid-body is cut after the read timeout, between reads
-                async with asyncio.timeout(self._upstream_timeout):
-                    chunk = await content.readany()
-                if not chunk:
-                    break
-                # a client that stops reading must not hold the upstream connection forever
-                async with asyncio.timeout(self._client_timeout):
-                    await resp.write(chunk)
-        except (aiohttp.ClientError, TimeoutError):
-            # The status line is out: all that is left is to cut the client off, as nginx does,
-            # so it sees a truncated body rather than a complete wrong one.
-            if request.transport is not None:
-                request.transport.abort()
-            return resp
-        await resp.write_eof()
-        return resp
-
     async def _websocket(
         self, request: web.BaseRequest, url: URL, headers: CIMultiDict[str]
     ) -> Forwarded:
@@ -368,7 +308,7 @@ class Forwarder:
             elapsed = perf_counter_ns() - started
             if resp.status != 101:  # RFC 6455 4.1: a refusal is an answer like any other
                 async with resp:
-                    answer = await self._respond(
+                    answer = await self._relay.answer(
                         request, resp.status, resp.reason or "", resp.headers, resp.raw_headers,
                         resp.content_length, resp.content,
                     )  # fmt: skip
@@ -397,63 +337,6 @@ class Forwarder:
             await down.prepare(request)
             await pump(down, up)
         return Forwarded(down, 101, elapsed)
-
-
-class Relayed(WireResponse):
-    """An upstream answer read whole, passed on in one write: its status line and header
-    fields as they came (hop-by-hop ones removed, Via added), then the body."""
-
-    def __init__(self, status: int, reason: str, fields: bytes, date: bool, body: bytes) -> None:
-        """`fields` and `date` as _relayed_fields() gives them."""
-        super().__init__(status, reason)
-        self._phrase = reason.encode("utf-8", "surrogateescape")
-        self._fields = fields
-        self._date = date
-        self._content = body
-
-    def wire(self, request: web.BaseRequest, keep_alive: bool) -> bytes:
-        version = request.version
-        status = b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, self.status, self._phrase)
-        date = date_line() if self._date else b""
-        end = connection_line(version, keep_alive) + b"\r\n"
-        return b"".join((status, self._fields, date, end, self._content))
-
-
-def _relayed_fields(
-    headers: CIMultiDictProxy[str], raw: RawHeaders, conn: UpstreamConnection | None
-) -> tuple[bytes, bool]:
-    """An answer's header lines for the client (response_fields(); ValueError: a 502), and
-    whether to add a Date (RFC 9110 6.6.1: a proxy adds the Date an upstream without a
-    clock left out).
-
-    A pooled connection remembers them with the raw fields they were made from: an
-    upstream answering polls repeats its fields byte for byte, its Date changing once a
-    second (valgrind, a pass-through with the access log off: 234.8k instructions a
-    request before, 224.2k after, on an upstream repeating its fields).
-    """
-    if conn is not None:
-        memo = conn.answer_fields
-        if memo is not None and memo[0] == raw:
-            return memo[1]
-    made = response_fields(headers, raw), "Date" not in headers
-    if conn is not None:
-        conn.answer_fields = (raw, made)
-    return made
-
-
-class _Streamed(web.StreamResponse):
-    """An upstream's streamed answer: aiohttp's StreamResponse, minus the Content-Type
-    (application/octet-stream) and Server it adds when the upstream sent none, as a
-    Relayed answer is: a browser would download what it could have rendered."""
-
-    async def _prepare_headers(self) -> None:
-        headers = self._headers
-        had_type, had_server = hdrs.CONTENT_TYPE in headers, hdrs.SERVER in headers
-        await super()._prepare_headers()
-        if not had_type:
-            headers.popall(hdrs.CONTENT_TYPE, None)
-        if not had_server:
-            headers.popall(hdrs.SERVER, None)
 
 
 async def _refuse(request: web.BaseRequest, fault: _ClientFault) -> web.StreamResponse:

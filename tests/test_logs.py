@@ -17,8 +17,8 @@ from yarl import URL
 
 from proxy.app import Pollguard
 from proxy.errors import ConfigError
-from proxy.forward import Relayed
 from proxy.logs import FLUSH_EVERY, _timestamp, access_logger
+from proxy.relay import Relayed
 from proxy.settings import Address, Settings
 from tests.conftest import StartPollguard
 from tests.support import Upstream, rule_toml, ruleset

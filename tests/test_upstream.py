@@ -1,4 +1,4 @@
-"""The lean keep-alive pool (proxy/upstream.py) and the answers it relays (forward.Relayed).
+"""The lean keep-alive pool (proxy/upstream.py) and the answers it relays (relay.Relayed).
 
 Bodiless requests to an http:// upstream go through UpstreamPool, not aiohttp's
 ClientSession. The upstreams here are raw asyncio servers that number their connections
