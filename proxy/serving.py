@@ -66,6 +66,8 @@ class ProxyConnection(RequestHandler):
     remote: str | None = None
     # Told of each request the parser refused; its server (ProxyServer) sets it.
     on_malformed: Callable[[int], None] = staticmethod(lambda status: None)
+    # The last Host found valid: a poller sends the same one on every request.
+    valid_host: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,9 +76,6 @@ class ProxyConnection(RequestHandler):
             self._log_ns: Callable[[web.BaseRequest, web.StreamResponse, int], None] = getattr(
                 logger, "log_ns", lambda request, resp, ns: logger.log(request, resp, ns / 1e9)
             )
-
-    # The last Host found valid: a poller sends the same one on every request.
-    valid_host: str | None = None
 
     def malformed(self, message: RawRequestMessage) -> str | None:
         """Why a request aiohttp parsed must get a 400 anyway, or None.
