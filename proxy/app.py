@@ -81,13 +81,14 @@ class ProxyHandler:
             return BlockedAnswer(rule, task_id)  # the access log reads the decision off it
 
         fwd = await self.forwarder.forward(request)
-        if fwd.status is None:
-            if fwd.response.status not in UPSTREAM_FAILED:
-                return self._refused(request, rule.name, task_id, fwd.response)
-            outcome = "upstream_error"
-        elif action is Action.BLOCK:
-            # observe mode: enforce would not have seen this answer, so neither does the state
+        if fwd.status is None and fwd.response.status not in UPSTREAM_FAILED:
+            return self._refused(request, rule.name, task_id, fwd.response)
+        if action is Action.BLOCK:
+            # observe mode: enforce would have answered this itself, whatever the upstream
+            # did, and would not have seen the answer: neither does the state
             outcome = "would_block"
+        elif fwd.status is None:
+            outcome = "upstream_error"
         else:
             outcome = "probe" if action is Action.PROBE else "forwarded"
             await self._record(rule, task_id, fwd.status, metrics)

@@ -99,6 +99,26 @@ async def test_upstream_errors_are_counted_as_such(
     assert value(samples, "pollguard_upstream_misses_total", rule="task-status") == 0
 
 
+async def test_observe_counts_would_block_even_when_the_upstream_fails(
+    start_pollguard: StartPollguard, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    # enforce would have answered it itself (410), so the upstream's failure is not its
+    rules = ruleset(rule_toml(threshold=2, mode="observe"))
+    pg = await start_pollguard(rules, upstream_timeout=0.1)
+    for _ in range(2):
+        async with http.get(pg.url("/test/status/x")) as resp:
+            assert resp.status == 404
+    upstream.delay = 0.5
+    async with http.get(pg.url("/test/status/x")) as resp:
+        assert resp.status == 504
+    upstream.delay = 0
+    samples = await scrape(http, pg.admin("/metrics"))
+    for outcome, count in (("would_block", 1), ("upstream_error", 0), ("forwarded", 2)):
+        assert (
+            value(samples, "pollguard_requests_total", rule="task-status", outcome=outcome) == count
+        )
+
+
 async def test_client_faults_are_refusals_not_upstream_errors(
     start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
     http: aiohttp.ClientSession,
