@@ -152,7 +152,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from proxy.replay import replay
+    from proxy.replay import MAX_STEP, replay
     from proxy.replay_report import render, to_json
 
     rules = load_rules(_option(args, "rules", parse_path))
@@ -166,6 +166,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(
             f"pollguard replay: the logs' clock stepped back {result.tally.clock_steps} time(s) "
             "(daylight saving?); later lines were replayed shifted by the step",
+            file=sys.stderr,
+        )
+    if result.tally.stale:
+        print(
+            f"pollguard replay: {result.tally.stale} line(s) came after lines over "
+            f"{MAX_STEP / 3600:g}h later and were replayed at that later time (logs "
+            "concatenated out of order? name the files instead: they are merged by time)",
             file=sys.stderr,
         )
     lines, unparsed = result.tally.lines, result.tally.unparsed

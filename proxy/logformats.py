@@ -70,6 +70,7 @@ class LogReader:
         self.stream = stream
         self.lines = 0
         self.records = 0
+        self.local_time = False  # a time without a zone was read (werkzeug's): it may step
 
     @property
     def unparsed(self) -> int:
@@ -99,6 +100,8 @@ class LogReader:
                         when = parse_time(stamp)
                         if when is None:
                             continue
+                        if len(stamp) == 20:  # `22/Feb/2026 10:30:00`: no zone
+                            self.local_time = True
                         if len(times) >= 4096:
                             times.clear()
                         times[stamp] = when

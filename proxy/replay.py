@@ -78,12 +78,14 @@ class LogClock:
     duration; a live proxy's clock would not have run backwards over them either.
 
     When STEP_LINES lines in a row are more than CLOCK_STEP (and at most MAX_STEP) behind
-    the clock, the log's clock has stepped back: a werkzeug log's local time at the
-    autumn's daylight-saving change, or the lines after one stamped up to MAX_STEP ahead.
-    The replay's clock then carries on from where it is, the later lines shifted by the
-    step (rounded to a quarter hour), where it would otherwise stand still until the log's
-    time caught up (an hour, or the rest of the log). A lone line from the past only
-    holds the clock still, as any late line does.
+    the clock, in a log whose times have no zone, the log's clock has stepped back: a
+    werkzeug log's local time at the autumn's daylight-saving change, or the lines after
+    one stamped up to MAX_STEP ahead. The replay's clock then carries on from where it
+    is, the later lines shifted by the step (rounded to a quarter hour), where it would
+    otherwise stand still until the log's time caught up (an hour, or the rest of the
+    log). A lone line from the past only holds the clock still, as any late line does;
+    so do lines with a zone (nginx, Apache), whose times never step: there, lines that
+    far behind are long requests, which Apache logs when they began.
     """
 
     __slots__ = ("now",)
@@ -154,6 +156,7 @@ class Tally:
     first: float = math.inf
     last: float = -math.inf
     clock_steps: int = 0  # times the logs' clock stepped back by more than CLOCK_STEP
+    stale: int = 0  # lines more than MAX_STEP behind the clock, replayed at its time
 
     @property
     def requests(self) -> int:
@@ -205,7 +208,7 @@ def replay(
         now = clock.now
         began = math.inf
         shift = 0.0  # added to the logs' times since their clock stepped back (LogClock)
-        behind = steps = 0
+        behind = steps = stale = 0
         first_behind = 0.0
         try:
             for records in blocks:
@@ -221,16 +224,20 @@ def replay(
                         if behind == 1:
                             first_behind = when
                         if behind == STEP_LINES:
+                            behind = 0
                             # clocks step by whole quarter hours: the first line behind
                             # came a moment after the last one ahead of it
                             step = round((now - first_behind) / CLOCK_QUANTUM) * CLOCK_QUANTUM
-                            shift += step
-                            when += step
-                            if when > now:
-                                now = clock.now = when
-                            behind, steps = 0, steps + 1
+                            if step and any(r.local_time for r in readers):
+                                shift += step
+                                when += step
+                                if when > now:
+                                    now = clock.now = when
+                                steps += 1
                     else:
                         behind = 0
+                        if when < now - MAX_STEP:
+                            stale += 1
                     hit = seen.get(request, _UNSEEN)
                     if hit is _UNSEEN:
                         hit = _match(matcher, request, seen)
@@ -249,6 +256,7 @@ def replay(
         first=began,
         last=now,  # the replay's clock at the end, steps back taken out
         clock_steps=steps,
+        stale=stale,
     )
     return Result(tally, tuple(engines))
 

@@ -306,6 +306,48 @@ def test_a_clock_stepping_back_an_hour_is_replayed_as_time_going_on(tmp_path: Pa
     assert b"stepped back 1 time(s)" in done.stderr
 
 
+def test_late_lines_of_a_zoned_log_are_long_requests_not_a_clock_step(tmp_path: Path) -> None:
+    # Apache stamps a line with when its request began: three long downloads logged
+    # 8.5 minutes late in a row. Zoned times never step, so nothing may be shifted: a
+    # false 15-minute shift would lapse the key's count (window 10m) and block nothing.
+    rules = ruleset(rule_toml(threshold=3, window="10m"))
+    polls = [log_line(EPOCH + 3 * i, "GET", "/test/status/k9", 404, "combined") for i in range(2)]
+    late = [log_line(EPOCH - 510 + 30 * i, "GET", "/big", 200, "combined") for i in range(3)]
+    after = [log_line(EPOCH + 6 + 3 * i, "GET", "/test/status/k9", 404, "combined")
+             for i in range(2)]  # fmt: skip
+    log = write(tmp_path / "apache.log", polls + late + after)
+    report = to_json(replay([str(log)], rules))
+    assert report["rules"]["task-status"]["keys_blocked"] == 1
+    assert report["rules"]["task-status"]["avoided"] == 1
+    done = cli("replay", str(log), "--json")
+    assert done.returncode == 0 and done.stderr == b""
+
+
+def test_a_step_that_rounds_to_nothing_shifts_nothing_and_is_not_reported(tmp_path: Path) -> None:
+    rules = ruleset(rule_toml(threshold=3))
+    ahead = [log_line(EPOCH + 3 * i, "GET", "/test/status/t", 404, "werkzeug") for i in range(2)]
+    behind = [log_line(EPOCH - 360 + i, "GET", "/x", 200, "werkzeug") for i in range(3)]
+    log = write(tmp_path / "w.log", ahead + behind)
+    done = cli("replay", str(log), "--json")
+    assert done.returncode == 0 and done.stderr == b""  # 6 minutes: a step of 0 quarter hours
+    alone = to_json(replay([str(write(tmp_path / "ahead.log", ahead))], rules))
+    assert json.loads(done.stdout)["to"] == alone["to"]  # the clock was not moved
+
+
+def test_lines_hours_behind_are_held_at_the_clock_and_reported(tmp_path: Path) -> None:
+    # `cat day22.log day21.log | pollguard replay -`: a day's lines at one frozen time
+    day22 = [log_line(EPOCH + 86_400 + 3 * i, "GET", "/test/status/t", 404, "common")
+             for i in range(3)]  # fmt: skip
+    day21 = [log_line(EPOCH + 3 * i, "GET", "/test/status/t", 404, "common") for i in range(4)]
+    log = write(tmp_path / "cat.log", day22 + day21)
+    done = cli("replay", str(log), "--json")
+    assert done.returncode == 0
+    assert b"4 line(s) came after lines over 3h later" in done.stderr
+    apart = [str(write(tmp_path / "22.log", day22)), str(write(tmp_path / "21.log", day21))]
+    done = cli("replay", *apart, "--json")
+    assert done.returncode == 0 and done.stderr == b""
+
+
 def test_several_logs_keep_their_order_within_a_second(tmp_path: Path) -> None:
     # Rotated files named oldest first: lines of the same second must replay in that
     # order, as the files concatenated would, not sorted by their text.
