@@ -134,6 +134,12 @@ def doubts(rule: Rule) -> list[str]:
             f"({rule.threshold}): a task seen alive would take more misses than one never "
             "seen, and losing its seen-alive mark (bounded by --max-keys) would block it sooner"
         )
+    if rule.threshold_after_2xx == 1 and rule.mode == "enforce":
+        found.append(
+            f"threshold_after_2xx is 1: one miss blocks a task seen alive for "
+            f"{format_duration(rule.block_for)}, so a single stray {min(rule.miss_statuses)} "
+            "(a deploy, a replica not warm yet) ends a live task's polling"
+        )
     if rule.probe_every is not None and rule.probe_every >= rule.block_for:
         found.append(
             f"probe_every ({format_duration(rule.probe_every)}) is not shorter than block_for "

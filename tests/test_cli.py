@@ -46,16 +46,21 @@ def test_check_warns_of_settings_that_load_but_likely_misfire(tmp_path: Path) ->
     rules.write_text(
         rule_toml(threshold=3, threshold_after_2xx=5, block_for="10m", probe_every="10m")
         + rule_toml(name="fine", path="/fine/{task_id}", threshold=5, threshold_after_2xx=3)
+        + rule_toml(name="hair-trigger", path="/h/{task_id}", threshold=3, threshold_after_2xx=1)
+        + rule_toml(name="watching", path="/w/{task_id}", threshold_after_2xx=1, mode="observe")
     )
     done = run_cli("check", "--rules", str(rules))
     assert done.returncode == 0  # valid all the same
-    assert done.stdout.count(": ok (") == 2
+    assert done.stdout.count(": ok (") == 4
     assert done.stderr.splitlines() == [
         f'{rules}: rule "task-status": warning: threshold_after_2xx (5) is above threshold (3): '
         "a task seen alive would take more misses than one never seen, and losing its "
         "seen-alive mark (bounded by --max-keys) would block it sooner",
         f'{rules}: rule "task-status": warning: probe_every (10m) is not shorter than '
         "block_for (10m): blocks end before any probe goes through",
+        f'{rules}: rule "hair-trigger": warning: threshold_after_2xx is 1: one miss blocks a '
+        "task seen alive for 1h, so a single stray 404 (a deploy, a replica not warm yet) "
+        "ends a live task's polling",
     ]
     assert run_cli("check", "--rules", "rules/").stderr == ""  # the shipped rules: none
 
