@@ -70,11 +70,12 @@ class ProxyHandler:
             return response
         rule, task_id = hit
         metrics = self.metrics.rule(rule.name)
+        checked = True
         try:
             action = await self.state.admit(rule, task_id)
-        except StateError:
+        except StateError:  # fail open; the answer goes uncounted too (its store is failing)
             self.metrics.state_errors.inc()
-            action = Action.FORWARD
+            action, checked = Action.FORWARD, False
 
         if action is Action.BLOCK and rule.mode == "enforce":
             metrics.outcomes["blocked"].inc()
@@ -91,7 +92,8 @@ class ProxyHandler:
             outcome = "upstream_error"
         else:
             outcome = "probe" if action is Action.PROBE else "forwarded"
-            await self._record(rule, task_id, fwd.status, metrics)
+            if checked:
+                await self._record(rule, task_id, fwd.status, metrics)
         metrics.forwarded(outcome, fwd.upstream_ns)
         request.decision = (rule.name, task_id, outcome, fwd.upstream_ns)
         return fwd.response

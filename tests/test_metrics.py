@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import DURATION_BUCKETS, Metrics, RuleMetrics
+from proxy.state.redis import RedisState
 from tests.conftest import Connect, StartPollguard
-from tests.support import Upstream, rule_toml, ruleset
+from tests.support import Upstream, free_port, rule_toml, ruleset
 
 OUTCOMES = ("forwarded", "blocked", "probe", "would_block", "upstream_error")
 # 80 fields of 1,000 bytes: each under aiohttp's 8 KB a line, ~80 KB in all
@@ -117,6 +118,21 @@ async def test_observe_counts_would_block_even_when_the_upstream_fails(
         assert (
             value(samples, "pollguard_requests_total", rule="task-status", outcome=outcome) == count
         )
+
+
+async def test_a_store_that_fails_counts_one_state_error_a_request(
+    start_pollguard: StartPollguard, http: aiohttp.ClientSession
+) -> None:
+    # admit fails: the request is forwarded unchecked, and its answer is not recorded
+    # either (that would be a second call to a failing store, a second error)
+    state = RedisState(f"redis://127.0.0.1:{free_port()}/0")
+    pg = await start_pollguard(state=state)
+    for _ in range(5):
+        async with http.get(pg.url("/test/status/x")) as resp:
+            assert resp.status == 404
+    samples = await scrape(http, pg.admin("/metrics"))
+    assert value(samples, "pollguard_state_errors_total") == 5 + 1  # and this scrape's gauges
+    assert value(samples, "pollguard_requests_total", rule="task-status", outcome="forwarded") == 5
 
 
 async def test_client_faults_are_refusals_not_upstream_errors(

@@ -303,11 +303,11 @@ async def test_a_live_poll_costs_one_round_trip_at_most_and_a_2xx_still_resets_a
         assert out.alive and out.state is None and not out.unblocked
     assert redis_server.evalsha_calls() == before + 10  # the admits; the 2xx had nothing to write
     before = redis_server.evalsha_calls()
-    for _ in range(10):  # polled faster than the local view's lifetime: no round trip at all
-        clock.advance(0.05)
+    for _ in range(10):  # polled faster than the local view's lifetime: admitted on it,
+        clock.advance(0.05)  # and so the 2xx goes to Redis (another replica may have counted)
         assert await state.admit(RULE, "live") is Action.FORWARD
         assert (await state.record(RULE, "live", 200)).alive
-    assert redis_server.evalsha_calls() == before
+    assert redis_server.evalsha_calls() == before + 10
 
     other = make_state(redis_server.url())  # a replica counts a miss for the key
     await other.record(RULE, "live", 404)
@@ -330,3 +330,95 @@ async def test_another_replicas_block_on_a_live_key_holds_here_within_the_lifeti
     assert await b.admit(rule, "t") is Action.FORWARD  # b's view has not lapsed yet
     clock.advance(1)
     assert await b.admit(rule, "t") is Action.BLOCK
+
+
+async def test_a_2xx_admitted_on_the_local_view_resets_another_replicas_count(
+    redis_server: RedisServer, make_state: MakeState, clock: FakeClock
+) -> None:
+    rule = ruleset(rule_toml(threshold=3, threshold_after_2xx=3)).rules[0]
+    a, b = make_state(redis_server.url()), make_state(redis_server.url())
+    assert await b.admit(rule, "t") is Action.FORWARD  # b's view: clean, flagged alive
+    await b.record(rule, "t", 200)
+    for _ in range(2):
+        await a.record(rule, "t", 404)
+    clock.advance(0.5)  # within b's view's lifetime: b admits without asking
+    assert await b.admit(rule, "t") is Action.FORWARD
+    await b.record(rule, "t", 200)  # the task answered: a's count must go
+    assert not (await a.record(rule, "t", 404)).blocked
+    assert (await a.stats()).tracked == 1  # one miss since the 2xx, not three
+
+
+async def test_a_seen_alive_flag_redis_lost_is_set_again_by_the_next_2xx(
+    redis_server: RedisServer, make_state: MakeState, clock: FakeClock
+) -> None:
+    rule = ruleset(rule_toml(threshold=5, threshold_after_2xx=2, grace="1h")).rules[0]
+    state = make_state(redis_server.url())
+    assert await state.admit(rule, "t") is Action.FORWARD
+    await state.record(rule, "t", 200)  # flagged alive
+    redis_server.command("FLUSHDB")  # what a Redis restarted empty holds
+    clock.advance(3)
+    assert await state.admit(rule, "t") is Action.FORWARD
+    await state.record(rule, "t", 200)  # the flag must be written again
+    clock.advance(3)
+    outcomes = [await state.record(rule, "t", 404) for _ in range(2)]
+    assert outcomes[-1].blocked  # threshold_after_2xx, not grace and threshold
+
+
+async def test_admin_calls_never_open_the_request_paths_circuit(
+    make_redis: MakeRedis, make_state: MakeState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.state.redis as store
+
+    server = make_redis()
+    state = make_state(server.url())
+    await state.record(RULE, "t", 404)  # a rule it knows: the listing and gauges ask Redis
+    monkeypatch.setattr(store, "ADMIN_TIMEOUT", 0.05)
+    server.command("CLIENT", "PAUSE", "300", "ALL")
+    for call in (state.blocks, state.stats, lambda: state.unblock(RULE.name, "t")):
+        with pytest.raises(StateError, match="no answer within 50 ms"):
+            await call()
+    assert not state._circuit.open  # polls still ask Redis: their blocks hold
+    await asyncio.sleep(0.3)
+    assert await state.admit(RULE, "t") is Action.FORWARD
+
+
+async def test_many_blocks_are_listed_and_dropped_a_chunk_at_a_time(
+    redis_server: RedisServer, make_state: MakeState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.state.redis as store
+
+    monkeypatch.setattr(store, "_LIST_CHUNK", 100)  # pages and chunks: 1,234 keys in 13 and 3
+    rule = ruleset(rule_toml(threshold=1)).rules[0]
+    state = make_state(redis_server.url(), timeout=2.0)
+    await state.retain([rule])
+    ids = [f"t{i}" for i in range(1234)]
+    for start in range(0, len(ids), 100):
+        await asyncio.gather(*(state.record(rule, t, 404) for t in ids[start : start + 100]))
+    listed = await state.blocks()
+    assert sorted(b.task_id for b in listed) == sorted(ids)
+    moved = ruleset(rule_toml(threshold=1, path="/elsewhere/{task_id}")).rules[0]
+    await state.retain([moved])  # its scope changed: every key of the old one goes
+    assert redis_server.command("DBSIZE") == 0
+
+
+async def test_pooled_connections_are_checked_after_redis_restarts(
+    make_redis: MakeRedis, make_state: MakeState
+) -> None:
+    server = make_redis()
+    state = make_state(server.url(), timeout=2.0)  # a burst on a loaded machine: no deadline
+    await asyncio.gather(*(state.record(RULE, f"t{i}", 404) for i in range(20)))  # 20 pooled
+    server.kill()
+    server.start()
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            await state.ping()
+            break
+        except StateError:
+            assert time.monotonic() < deadline, "no recovery within 5 s of the restart"
+            await asyncio.sleep(0.05)
+    # every connection the pool hands out now works: none left over from before the restart
+    outcomes = await asyncio.gather(
+        *(state.record(RULE, f"t{i}", 404) for i in range(20)), return_exceptions=True
+    )
+    assert [o for o in outcomes if isinstance(o, BaseException)] == []

@@ -12,10 +12,13 @@ Keys, all under one prefix and hash-tagged by rule (every script touches one rul
     pollguard:{rule}:counting      zset task id -> when its count lapses    (the gauges' index:
     pollguard:{rule}:blocked       zset task id -> blocked_until             trimmed, never scanned)
 
-Every call has a tight deadline and goes through a circuit breaker: on an error the
-store raises StateError at once for a short back-off (the proxy forwards: fail open),
-then lets one trial call through. Blocked keys are cached here for about a second, so
-repeat polls of a blocked key are answered without Redis.
+Every call on the request path has a tight deadline and goes through a circuit breaker:
+on an error the store raises StateError at once for a short back-off (the proxy
+forwards: fail open), then lets one trial call through. The admin port's calls (listing
+blocks, gauges, dropping a rule's keys) have a longer deadline, go in chunks, and never
+open the circuit: a slow listing of 100,000 blocks is no reason to stop blocking.
+Blocked keys are cached here for about a second, so repeat polls of a blocked key are
+answered without Redis; after an outage, every local view is dropped.
 """
 
 from __future__ import annotations
@@ -37,6 +40,17 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from yarl import URL
 
+try:  # redis-py 7+: off, so that a pooled connection is checked before it is handed out
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    # With them on ("auto" under RESP3), redis-py 8 skips that check, and after Redis
+    # restarts every pooled connection fails on its first use: one fail-open spell each.
+    _NO_MAINT: dict[str, Any] = {
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False)
+    }
+except ImportError:  # older redis-py: no such notifications, the check always runs
+    _NO_MAINT = {}
+
 from proxy.errors import ConfigError, StateError
 from proxy.guard import Action, KeyState, Outcome
 from proxy.rules import Rule
@@ -55,7 +69,8 @@ ADMIN_TIMEOUT = 1.0  # listing blocks, gauges, dropping a rule: more data, nobod
 CACHE_TTL = 1.0  # a blocked key is answered locally this long; an unblock elsewhere holds after it
 ALIVE_TTL = 86_400.0  # "seen answered 2xx" outlives the last 2xx by a day
 _ACTIONS = {"forward": Action.FORWARD, "block": Action.BLOCK, "probe": Action.PROBE}
-_CHUNK = 500
+_CHUNK = 500  # keys a round trip when the admin port reads or drops many
+_LIST_CHUNK = 5_000  # index members a round trip
 
 
 def _script(name: str) -> str:
@@ -99,6 +114,7 @@ class RedisState:
                 retry_on_error=[],
                 health_check_interval=0,
                 decode_responses=True,
+                **_NO_MAINT,
             )
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"--state: {self._where}: {exc}") from None
@@ -118,11 +134,15 @@ class RedisState:
         # Keys Redis showed "clean" (no count, no block) within the cache lifetime: a live
         # task's poll. Such a key is admitted without asking, as a blocked one is blocked
         # without asking; another replica's block on it shows here within the lifetime.
-        # Keys with a count always ask (they are the ones a block is near for). And when
-        # this process set the key's seen-alive flag lately (renewed at half its lifetime),
-        # a 2xx on a clean key has nothing to write either: a live poll costs no round
-        # trip while polled within the lifetime, one otherwise, never two.
-        self._clean: TTLCache[Key, bool] = TTLCache(maxsize=cache_size, ttl=cache_ttl, timer=clock)
+        # Keys with a count always ask (they are the ones a block is near for). The value,
+        # [fresh]: True while the read that found it clean also found its seen-alive flag
+        # set, and no request has been admitted on the local view since. A 2xx on such a
+        # key has nothing to write (when this process also set the flag lately, renewing
+        # it at half its lifetime); any other 2xx goes to Redis, since another replica may
+        # have counted a miss meanwhile. A live poll costs one round trip, never two.
+        self._clean: TTLCache[Key, list[bool]] = TTLCache(
+            maxsize=cache_size, ttl=cache_ttl, timer=clock
+        )
         self._alive_marked: TTLCache[Key, bool] = TTLCache(
             maxsize=cache_size, ttl=alive_ttl / 2, timer=clock
         )
@@ -141,10 +161,7 @@ class RedisState:
         """One Redis round trip under the deadline and the circuit; StateError on any failure."""
         circuit = self._circuit
         if not circuit.allow():
-            raise StateError(
-                f"redis at {self._where}: not asked after errors, next try in "
-                f"{circuit.retry_in():.2f}s"
-            )
+            raise self._not_asked()
         trial = circuit.open
         try:
             async with asyncio.timeout(timeout or self._timeout):
@@ -161,11 +178,34 @@ class RedisState:
             circuit.abandoned(trial)
             raise
         if circuit.succeeded():
+            # Redis may have come back empty (a restart): the flags and counts these
+            # views stand for may be gone, so the next polls ask again.
+            for cache in (self._blocked, self._clean, self._alive_marked):
+                cache.clear()
             log.info(
                 "state store answers again",
                 extra={"event": "state_recovered", "state": self._where},
             )
         return result
+
+    async def _admin_call(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A call of the admin port's (listing, gauges, dropping keys): ADMIN_TIMEOUT, and
+        outside the circuit. It fails at once while the circuit is open, but its own
+        failure or slowness opens nothing: polls keep their blocks and their counting."""
+        if self._circuit.open:
+            raise self._not_asked()
+        try:
+            async with asyncio.timeout(ADMIN_TIMEOUT):
+                return await call()
+        except (RedisError, OSError, TimeoutError) as exc:
+            reason = str(exc) or f"no answer within {ADMIN_TIMEOUT * 1000:.0f} ms"
+            raise StateError(f"redis at {self._where}: {reason}") from exc
+
+    def _not_asked(self) -> StateError:
+        return StateError(
+            f"redis at {self._where}: not asked after errors, next try in "
+            f"{self._circuit.retry_in():.2f}s"
+        )
 
     def _remember(self, rule: Rule) -> None:
         if rule.name not in self._rules:
@@ -174,6 +214,7 @@ class RedisState:
     async def admit(self, rule: Rule, task_id: str) -> Action:
         key = (rule.name, task_id)
         if key in self._clean:
+            stored(self._clean, key)[0] = False  # admitted on the local view: not fresh
             return Action.FORWARD
         now = self._clock()
         # The entry as stored, not TTLCache.get() (a dozen Python calls a blocked poll):
@@ -188,14 +229,15 @@ class RedisState:
             # a probe is due (Redis decides which replica takes it) or the block ended
         self._remember(rule)
         probe_every = math.inf if rule.probe_every is None else rule.probe_every
+        args: list[str | float] = [now, probe_every, _scope_tag(rule.scope)]
         reply: list[str] = await self._call(
-            lambda: self._admit(keys=self._keys(*key)[:1], args=[now, probe_every])
+            lambda: self._admit(keys=self._keys(*key)[:2], args=args)
         )
         action = _ACTIONS[reply[0]]
         if action is Action.FORWARD:
             self._blocked.pop(key, None)
             if reply[1] == "0":
-                self._clean[key] = True
+                self._clean[key] = [reply[2] == "1"]
         else:
             self._clean.pop(key, None)
             self._blocked[key] = (float(reply[1]), float(reply[2]), now)
@@ -224,8 +266,11 @@ class RedisState:
         key = (rule.name, task_id)
         if 200 <= status < 300:
             kind = "ok"
-            if key in self._clean and key in self._alive_marked:
-                return Outcome(None, alive=True)  # guard.record(None, ..., 2xx): nothing to write
+            if key in self._alive_marked and key in self._clean:
+                fresh = stored(self._clean, key)
+                if fresh[0]:  # this request's admit found it clean and flagged, in Redis
+                    fresh[0] = False
+                    return Outcome(None, alive=True)  # guard.record(None, ..., 2xx): no change
         elif status in rule.miss_statuses:
             kind = "miss"
         else:
@@ -247,7 +292,7 @@ class RedisState:
         else:
             self._blocked.pop(key, None)
             if state is None:
-                self._clean[key] = True
+                self._clean[key] = [False]
         return Outcome(
             state,
             miss=reply[0] == "1",
@@ -257,34 +302,56 @@ class RedisState:
         )
 
     async def blocks(self, rule: str | None = None) -> list[Block]:
+        """A chunk of ids, then a chunk of their states, a round trip each: one pipeline
+        of 100,000 HMGETs held the event loop for a second (and every poll with it)."""
         names = [rule] if rule is not None else list(self._rules)
         now = self._clock()
+        found = []
+        for name in names:
+            ids = await self._listed(self._index(name, "blocked"), f"({now!r}")
+            for start in range(0, len(ids), _CHUNK):
+                part = ids[start : start + _CHUNK]
+                keys = [self._keys(name, task_id)[0] for task_id in part]
 
-        async def read() -> list[Block]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for name in names:
-                    pipe.zrangebyscore(self._index(name, "blocked"), f"({now!r}", "+inf")
-                listed: list[list[str]] = await pipe.execute()
-            pairs = zip(names, listed, strict=True)
-            ids = [(name, task_id) for name, found in pairs for task_id in found]
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for name, task_id in ids:
-                    pipe.hmget(self._keys(name, task_id)[0], "m", "b")
-                states: list[list[str | None]] = await pipe.execute()
-            found = []
-            for (name, task_id), (misses, until) in zip(ids, states, strict=True):
-                if misses is not None and until is not None and now < float(until):
-                    found.append(Block(name, task_id, int(misses), float(until)))
-            return found
+                async def read(keys: list[str] = keys) -> list[list[str | None]]:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for key in keys:
+                            pipe.hmget(key, "m", "b")
+                        states: list[list[str | None]] = await pipe.execute()
+                    return states
 
-        return await self._call(read, ADMIN_TIMEOUT)
+                for task_id, (misses, until) in zip(
+                    part, await self._admin_call(read), strict=True
+                ):
+                    if misses is not None and until is not None and now < float(until):
+                        found.append(Block(name, task_id, int(misses), float(until)))
+        return found
+
+    async def _listed(self, index: str, low: str = "-inf") -> list[str]:
+        """The members of an index scored above `low`, read _LIST_CHUNK at a time."""
+        ids: list[str] = []
+        seen: set[str] = set()  # paged by offset: a member removed meanwhile shifts the rest
+        while True:
+            offset = len(ids)
+
+            async def page(offset: int = offset) -> list[str]:
+                found = await self._redis.zrangebyscore(
+                    index, low, "+inf", start=offset, num=_LIST_CHUNK
+                )
+                return [str(task_id) for task_id in found]
+
+            part = await self._admin_call(page)
+            ids += [task_id for task_id in part if task_id not in seen]
+            seen.update(part)
+            if len(part) < _LIST_CHUNK:
+                return ids
 
     async def unblock(self, rule: str, task_id: str) -> bool:
         self._blocked.pop((rule, task_id), None)
         keys = self._keys(rule, task_id)
         now = self._clock()
-        done: int = await self._call(
-            lambda: self._unblock(keys=[keys[0], keys[3]], args=[now, task_id]), ADMIN_TIMEOUT
+        done: int = await self._admin_call(
+            lambda: self._unblock(keys=[keys[0], keys[3]], args=[now, task_id])
         )
         return done == 1
 
@@ -301,7 +368,7 @@ class RedisState:
                 replies: list[int] = await pipe.execute()
             return replies[1::2]
 
-        cards = await self._call(read, ADMIN_TIMEOUT)
+        cards = await self._admin_call(read)
         counting, blocked = cards[0::2], cards[1::2]
         return Stats(
             tracked=sum(counting) + sum(blocked),
@@ -324,7 +391,7 @@ class RedisState:
             for key in [k for k in cache if k[0] in gone]:
                 cache.pop(key, None)
         # StateError if Redis fails here: not fatal, every key of those rules expires by itself
-        await self._call(lambda: self._drop(gone), ADMIN_TIMEOUT)
+        await self._drop(gone)
 
     async def _open_connections(self) -> None:
         """Before the first request (Pollguard.start calls retain): connecting and loading
@@ -347,16 +414,20 @@ class RedisState:
             )
 
     async def _drop(self, rules: list[str]) -> None:
-        """Delete removed rules' keys, found through their indexes (never a keyspace scan)."""
+        """Delete removed rules' keys, found through their indexes (never a keyspace scan),
+        a chunk a round trip, so that 100,000 keys do not hold the event loop."""
         for rule in rules:
             indexes = [self._index(rule, "counting"), self._index(rule, "blocked")]
             ids: set[str] = set()
             for index in indexes:
-                ids.update(str(task_id) for task_id in await self._redis.zrange(index, 0, -1))
+                ids.update(await self._listed(index))
             keys = [self._keys(rule, task_id)[0] for task_id in ids]
-            for i in range(0, len(keys), _CHUNK):
-                await self._redis.unlink(*keys[i : i + _CHUNK])
-            await self._redis.unlink(*indexes)
+            for part in [keys[i : i + _CHUNK] for i in range(0, len(keys), _CHUNK)] + [indexes]:
+
+                async def unlink(part: list[str] = part) -> None:
+                    await self._redis.unlink(*part)
+
+                await self._admin_call(unlink)
 
     async def ping(self) -> None:
         async def ping() -> None:
