@@ -67,6 +67,7 @@ Cached = tuple[float, float, float]  # blocked_until, next_probe, when it was re
 CALL_TIMEOUT = 0.05  # the request path never waits on Redis longer than this
 ADMIN_TIMEOUT = 1.0  # listing blocks, gauges, dropping a rule: more data, nobody's poll waiting
 CACHE_TTL = 1.0  # a blocked key is answered locally this long; an unblock elsewhere holds after it
+CLEAN_FRESH = 0.25  # a 2xx this soon after Redis found its key clean has nothing to write
 ALIVE_TTL = 86_400.0  # "seen answered 2xx" outlives the last 2xx by a day
 _ACTIONS = {"forward": Action.FORWARD, "block": Action.BLOCK, "probe": Action.PROBE}
 _CHUNK = 500  # keys a round trip when the admin port reads or drops many
@@ -134,15 +135,14 @@ class RedisState:
         # Keys Redis showed "clean" (no count, no block) within the cache lifetime: a live
         # task's poll. Such a key is admitted without asking, as a blocked one is blocked
         # without asking; another replica's block on it shows here within the lifetime.
-        # Keys with a count always ask (they are the ones a block is near for). The value,
-        # [fresh]: True while the read that found it clean also found its seen-alive flag
-        # set, and no request has been admitted on the local view since. A 2xx on such a
-        # key has nothing to write (when this process also set the flag lately, renewing
-        # it at half its lifetime); any other 2xx goes to Redis, since another replica may
-        # have counted a miss meanwhile. A live poll costs one round trip, never two.
-        self._clean: TTLCache[Key, list[bool]] = TTLCache(
-            maxsize=cache_size, ttl=cache_ttl, timer=clock
-        )
+        # Keys with a count always ask (they are the ones a block is near for). The value:
+        # when a call last found it clean with its seen-alive flag set (-inf: flag unset).
+        # A 2xx within CLEAN_FRESH of that has nothing to write (when this process also
+        # set the flag lately, renewing it at half its lifetime); a later one goes to
+        # Redis, since another replica may have counted a miss meanwhile, and a count a
+        # 2xx should have reset outlives it by CLEAN_FRESH at most. A live poll costs one
+        # round trip, never two; a key polled many times a second, one per CLEAN_FRESH.
+        self._clean: TTLCache[Key, float] = TTLCache(maxsize=cache_size, ttl=cache_ttl, timer=clock)
         self._alive_marked: TTLCache[Key, bool] = TTLCache(
             maxsize=cache_size, ttl=alive_ttl / 2, timer=clock
         )
@@ -214,7 +214,6 @@ class RedisState:
     async def admit(self, rule: Rule, task_id: str) -> Action:
         key = (rule.name, task_id)
         if key in self._clean:
-            stored(self._clean, key)[0] = False  # admitted on the local view: not fresh
             return Action.FORWARD
         now = self._clock()
         # The entry as stored, not TTLCache.get() (a dozen Python calls a blocked poll):
@@ -237,7 +236,7 @@ class RedisState:
         if action is Action.FORWARD:
             self._blocked.pop(key, None)
             if reply[1] == "0":
-                self._clean[key] = [reply[2] == "1"]
+                self._clean[key] = now if reply[2] == "1" else -math.inf
         else:
             self._clean.pop(key, None)
             self._blocked[key] = (float(reply[1]), float(reply[2]), now)
@@ -266,11 +265,12 @@ class RedisState:
         key = (rule.name, task_id)
         if 200 <= status < 300:
             kind = "ok"
-            if key in self._alive_marked and key in self._clean:
-                fresh = stored(self._clean, key)
-                if fresh[0]:  # this request's admit found it clean and flagged, in Redis
-                    fresh[0] = False
-                    return Outcome(None, alive=True)  # guard.record(None, ..., 2xx): no change
+            if (
+                key in self._alive_marked
+                and key in self._clean
+                and self._clock() - stored(self._clean, key) <= CLEAN_FRESH
+            ):
+                return Outcome(None, alive=True)  # guard.record(None, ..., 2xx): no change
         elif status in rule.miss_statuses:
             kind = "miss"
         else:
@@ -292,7 +292,7 @@ class RedisState:
         else:
             self._blocked.pop(key, None)
             if state is None:
-                self._clean[key] = [False]
+                self._clean[key] = now if kind == "ok" else -math.inf
         return Outcome(
             state,
             miss=reply[0] == "1",
