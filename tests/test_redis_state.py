@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -422,3 +424,30 @@ async def test_pooled_connections_are_checked_after_redis_restarts(
         *(state.record(RULE, f"t{i}", 404) for i in range(20)), return_exceptions=True
     )
     assert [o for o in outcomes if isinstance(o, BaseException)] == []
+
+
+async def test_a_requests_two_calls_share_one_deadline(
+    redis_server: RedisServer, make_state: MakeState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # admit, then record after the answer: together no longer than the 50 ms one call has
+    import proxy.state.redis as store
+
+    state = make_state(redis_server.url())
+    deadlines: list[float | None] = []
+    call = state._call
+
+    async def spied(run: Any, timeout: float | None = None) -> Any:
+        deadlines.append(timeout)
+        return await call(run, timeout)
+
+    monkeypatch.setattr(state, "_call", spied)
+    assert await state.admit(RULE, "t") is Action.FORWARD
+    waited = store._WAITED.get()
+    assert waited > 0
+    await state.record(RULE, "t", 404)
+    assert deadlines[0] is None  # admit: the whole 50 ms
+    assert deadlines[1] == pytest.approx(max(0.05 - waited, store.RECORD_LEAST))
+    store._WAITED.set(0.2)  # an admit that waited past the deadline (it failed)
+    with contextlib.suppress(StateError):  # 5 ms may be too short on a loaded machine
+        await state.record(RULE, "t", 404)
+    assert deadlines[2] == store.RECORD_LEAST

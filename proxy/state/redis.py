@@ -24,6 +24,7 @@ answered without Redis; after an outage, every local view is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import math
@@ -70,6 +71,11 @@ CACHE_TTL = 1.0  # a blocked key is answered locally this long; an unblock elsew
 CLEAN_FRESH = 0.25  # a 2xx this soon after Redis found its key clean has nothing to write
 ALIVE_TTL = 86_400.0  # "seen answered 2xx" outlives the last 2xx by a day
 _ACTIONS = {"forward": Action.FORWARD, "block": Action.BLOCK, "probe": Action.PROBE}
+# How long this request's admit() waited on Redis: its record() has what is left of
+# CALL_TIMEOUT (at least RECORD_LEAST), so no request waits on Redis longer than that in
+# all. A context variable: a connection's requests run in turn in its own task.
+_WAITED: contextvars.ContextVar[float] = contextvars.ContextVar("waited", default=0.0)
+RECORD_LEAST = 0.005
 _CHUNK = 500  # keys a round trip when the admin port reads or drops many
 _LIST_CHUNK = 5_000  # index members a round trip
 
@@ -214,6 +220,7 @@ class RedisState:
     async def admit(self, rule: Rule, task_id: str) -> Action:
         key = (rule.name, task_id)
         if key in self._clean:
+            _WAITED.set(0.0)
             return Action.FORWARD
         now = self._clock()
         # The entry as stored, not TTLCache.get() (a dozen Python calls a blocked poll):
@@ -229,9 +236,13 @@ class RedisState:
         self._remember(rule)
         probe_every = math.inf if rule.probe_every is None else rule.probe_every
         args: list[str | float] = [now, probe_every, _scope_tag(rule.scope)]
-        reply: list[str] = await self._call(
-            lambda: self._admit(keys=self._keys(*key)[:2], args=args)
-        )
+        started = time.monotonic()
+        try:
+            reply: list[str] = await self._call(
+                lambda: self._admit(keys=self._keys(*key)[:2], args=args)
+            )
+        finally:
+            _WAITED.set(time.monotonic() - started)
         action = _ACTIONS[reply[0]]
         if action is Action.FORWARD:
             self._blocked.pop(key, None)
@@ -283,7 +294,10 @@ class RedisState:
             self._alive_ms, _scope_tag(rule.scope),
         ]  # fmt: skip
         self._clean.pop(key, None)
-        reply: list[str] = await self._call(lambda: self._record(keys=self._keys(*key), args=args))
+        left = max(self._timeout - _WAITED.get(), RECORD_LEAST)
+        reply: list[str] = await self._call(
+            lambda: self._record(keys=self._keys(*key), args=args), left
+        )
         if kind == "ok":
             self._alive_marked[key] = True
         state = _key_state(reply[4:]) if len(reply) > 4 else None
