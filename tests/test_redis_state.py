@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 
@@ -20,6 +20,18 @@ from tests.support import FakeClock, rule_toml, ruleset
 
 RULE = ruleset(rule_toml(threshold=5, window="10m", block_for="1h", probe_every="5m")).rules[0]
 MakeState = Callable[..., RedisState]
+T = TypeVar("T")
+
+
+async def answering(call: Callable[[], Awaitable[T]], since: str) -> T:
+    """`call`'s result once the store answers again, within 5 s of `since`."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return await call()
+        except StateError:
+            assert time.monotonic() < deadline, f"no recovery within 5 s of {since}"
+            await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -205,14 +217,7 @@ async def test_a_paused_redis_costs_one_timeout_then_recovers_by_itself(
         refused.append("next try in" in str(caught.value))  # the circuit: Redis not asked
     assert sum(refused) >= 98  # a stall past the 0.25 s back-off lets one trial through
 
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            await state.ping()
-            break
-        except StateError:
-            assert time.monotonic() < deadline, "no recovery within 5 s of the pause ending"
-            await asyncio.sleep(0.05)
+    await answering(state.ping, "the pause ending")
     assert (await state.record(RULE, "t", 404)).miss
 
 
@@ -226,14 +231,8 @@ async def test_a_restarted_redis_is_used_again_without_a_restart(
     with pytest.raises(StateError):
         await state.record(RULE, "t", 404)
     server.start()
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            out = await state.record(RULE, "t", 404)  # the scripts are loaded again on NOSCRIPT
-            break
-        except StateError:
-            assert time.monotonic() < deadline, "no recovery within 5 s of the restart"
-            await asyncio.sleep(0.05)
+    # the scripts are loaded again on NOSCRIPT
+    out = await answering(lambda: state.record(RULE, "t", 404), "the restart")
     assert out.state is not None and out.state.misses == 1  # a fresh Redis: a fresh count
 
 
@@ -411,14 +410,7 @@ async def test_pooled_connections_are_checked_after_redis_restarts(
     await asyncio.gather(*(state.record(RULE, f"t{i}", 404) for i in range(20)))  # 20 pooled
     server.kill()
     server.start()
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            await state.ping()
-            break
-        except StateError:
-            assert time.monotonic() < deadline, "no recovery within 5 s of the restart"
-            await asyncio.sleep(0.05)
+    await answering(state.ping, "the restart")
     # every connection the pool hands out now works: none left over from before the restart
     outcomes = await asyncio.gather(
         *(state.record(RULE, f"t{i}", 404) for i in range(20)), return_exceptions=True

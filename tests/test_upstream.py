@@ -632,22 +632,31 @@ async def test_head_keeps_the_upstream_length_sends_no_body_and_keeps_both_conne
     assert [m for _, _, m, _ in up.seen] == ["HEAD", "GET", "HEAD", "GET"]
 
 
+async def write_in_shape(request: Request, answer: bytes, shape: str) -> None:
+    """`answer` in one write, behind a 103, or with its head's blank line split across
+    two reads and the body behind it."""
+    if shape == "in-one-write":
+        request.writer.write(answer)
+    elif shape == "after-an-interim-103":
+        request.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n" + answer)
+    else:
+        cut = answer.index(b"\r\n\r\n") + 2
+        request.writer.write(answer[:cut])
+        await request.writer.drain()
+        await asyncio.sleep(0.05)
+        request.writer.write(answer[cut:])
+
+
 @pytest.mark.parametrize("shape", ["in-one-write", "after-an-interim-103", "head-split-at-its-end"])
 async def test_a_body_sent_to_head_anyway_is_dropped_and_its_connection_not_kept(
     start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, shape: str
 ) -> None:
     async def says_too_much(request: Request) -> None:
         answer = ok(b"g" * 10)  # the body even for a HEAD (RFC 9112 6.3: it has none)
-        if request.method != "HEAD" or shape == "in-one-write":
+        if request.method != "HEAD":
             request.writer.write(answer)
-        elif shape == "after-an-interim-103":
-            request.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n" + answer)
-        else:  # the head's blank line split across two reads, the body behind it
-            cut = answer.index(b"\r\n\r\n") + 2
-            request.writer.write(answer[:cut])
-            await request.writer.drain()
-            await asyncio.sleep(0.05)
-            request.writer.write(answer[cut:])
+        else:
+            await write_in_shape(request, answer, shape)
 
     up = await backend(says_too_much)
     pg = await through(start_pollguard, up)
@@ -672,16 +681,8 @@ async def test_a_body_sent_with_a_204_or_304_anyway_is_dropped_not_a_502(
     async def says_too_much(request: Request) -> None:
         if request.path != "/none":
             request.writer.write(ok(b"g" * 10))
-        elif shape == "in-one-write":
-            request.writer.write(bodiless)
-        elif shape == "after-an-interim-103":
-            request.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n" + bodiless)
-        else:  # the head's blank line split across two reads, the body behind it
-            cut = bodiless.index(b"\r\n\r\n") + 2
-            request.writer.write(bodiless[:cut])
-            await request.writer.drain()
-            await asyncio.sleep(0.05)
-            request.writer.write(bodiless[cut:])
+        else:
+            await write_in_shape(request, bodiless, shape)
 
     up = await backend(says_too_much)
     pg = await through(start_pollguard, up)
