@@ -443,3 +443,24 @@ async def test_a_requests_two_calls_share_one_deadline(
     with contextlib.suppress(StateError):  # 5 ms may be too short on a loaded machine
         await state.record(RULE, "t", 404)
     assert deadlines[2] == store.RECORD_LEAST
+
+
+async def test_a_call_late_while_redis_answers_others_does_not_open_the_circuit(
+    redis_server: RedisServer, make_state: MakeState
+) -> None:
+    # A burst queued on this process's event loop: the late call fails open alone, the
+    # circuit stays closed, and the other polls keep asking Redis (and keep their blocks).
+    state = make_state(redis_server.url(), timeout=2.0)  # the pings: no deadline to miss
+
+    async def queued() -> None:
+        await asyncio.sleep(1)  # stands for the wait on the loop, not on Redis
+
+    late = asyncio.ensure_future(state._call(queued, 0.3))
+    await asyncio.sleep(0.05)
+    await state.ping()  # Redis answers meanwhile
+    with pytest.raises(StateError, match="others answered"):
+        await late
+    assert not state._circuit.open
+    with pytest.raises(StateError, match="no answer within 300 ms"):
+        await state._call(queued, 0.3)  # nothing answered during this one's wait: Redis's
+    assert state._circuit.open

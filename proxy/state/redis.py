@@ -131,6 +131,7 @@ class RedisState:
         self._unblock = self._redis.register_script(_script("unblock.lua"))
         self._blocks = self._redis.register_script(_script("blocks.lua"))
         self._circuit = Circuit()
+        self._answered = -math.inf  # when a call on the request path last succeeded
         self._blocked: TTLCache[Key, Cached] = TTLCache(
             maxsize=cache_size, ttl=cache_ttl, timer=clock
         )
@@ -170,11 +171,17 @@ class RedisState:
         if not circuit.allow():
             raise self._not_asked()
         trial = circuit.open
+        started = time.monotonic()
         try:
             async with asyncio.timeout(timeout or self._timeout):
                 result = await call()
         except (RedisError, OSError, TimeoutError) as exc:
             reason = str(exc) or f"no answer within {(timeout or self._timeout) * 1000:.0f} ms"
+            if self._answered > started and not trial:
+                # Redis answered other calls while this one waited: the wait was this
+                # process's (a burst queued on the event loop or for a pooled connection),
+                # no reason to stop asking Redis. This request fails open alone.
+                raise StateError(f"redis at {self._where}: {reason}, others answered") from exc
             if circuit.failed(trial):
                 log.warning(
                     "state store unavailable: failing open (requests are forwarded)",
@@ -184,6 +191,7 @@ class RedisState:
         except BaseException:
             circuit.abandoned(trial)
             raise
+        self._answered = time.monotonic()
         if circuit.succeeded():
             # Redis may have come back empty (a restart): the flags and counts these
             # views stand for may be gone, so the next polls ask again.
