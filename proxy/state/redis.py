@@ -351,9 +351,9 @@ class RedisState:
     async def _listed(self, index: str, low: str = "-inf") -> list[str]:
         """The members of an index scored above `low`, read _LIST_CHUNK at a time."""
         ids: list[str] = []
-        seen: set[str] = set()  # paged by offset: a member removed meanwhile shifts the rest
+        seen: set[str] = set()  # paged by offset: a member added meanwhile shifts the rest
+        offset = 0
         while True:
-            offset = len(ids)
 
             async def page(offset: int = offset) -> list[str]:
                 found = await self._redis.zrangebyscore(
@@ -364,6 +364,7 @@ class RedisState:
             part = await self._admin_call(page)
             ids += [task_id for task_id in part if task_id not in seen]
             seen.update(part)
+            offset += len(part)
             if len(part) < _LIST_CHUNK:
                 return ids
 
