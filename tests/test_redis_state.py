@@ -368,12 +368,12 @@ async def test_a_seen_alive_flag_redis_lost_is_set_again_by_the_next_2xx(
 async def test_admin_calls_never_open_the_request_paths_circuit(
     make_redis: MakeRedis, make_state: MakeState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import proxy.state.redis as store
+    import proxy.state.link as link
 
     server = make_redis()
     state = make_state(server.url(), timeout=2.0)  # the admit below waits the pause out
     await state.record(RULE, "t", 404)  # a rule it knows: the listing and gauges ask Redis
-    monkeypatch.setattr(store, "ADMIN_TIMEOUT", 0.05)
+    monkeypatch.setattr(link, "ADMIN_TIMEOUT", 0.05)
     server.command("CLIENT", "PAUSE", "300", "ALL")
     for call in (state.blocks, state.stats, lambda: state.unblock(RULE.name, "t")):
         with pytest.raises(StateError, match="no answer within 50 ms"):

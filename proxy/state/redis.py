@@ -12,13 +12,11 @@ Keys, all under one prefix and hash-tagged by rule (every script touches one rul
     pollguard:{rule}:counting      zset task id -> when its count lapses    (the gauges' index:
     pollguard:{rule}:blocked       zset task id -> blocked_until             trimmed, never scanned)
 
-Every call on the request path has a tight deadline and goes through a circuit breaker:
-on an error the store raises StateError at once for a short back-off (the proxy
-forwards: fail open), then lets one trial call through. The admin port's calls (listing
-blocks, gauges, dropping a rule's keys) have a longer deadline, go in chunks, and never
-open the circuit: a slow listing of 100,000 blocks is no reason to stop blocking.
-Blocked keys are cached here for about a second, so repeat polls of a blocked key are
-answered without Redis; after an outage, every local view is dropped.
+Every call goes through link.RedisLink: deadlines, and a circuit breaker that fails the
+request path open. The admin port's calls go in chunks, so that listing 100,000 blocks
+leaves room for polls in between. Blocked keys are cached here for about a second, so
+repeat polls of a blocked key are answered without Redis; after an outage, every local
+view is dropped.
 """
 
 from __future__ import annotations
@@ -30,43 +28,23 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any
 
 from cachetools import TTLCache
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from yarl import URL
 
-try:  # redis-py 7+: off, so that a pooled connection is checked before it is handed out
-    from redis.maint_notifications import MaintNotificationsConfig
-
-    # With them on ("auto" under RESP3), redis-py 8 skips that check, and after Redis
-    # restarts every pooled connection fails on its first use: one fail-open spell each.
-    _NO_MAINT: dict[str, Any] = {
-        "maint_notifications_config": MaintNotificationsConfig(enabled=False)
-    }
-except ImportError:  # older redis-py: no such notifications, the check always runs
-    _NO_MAINT = {}
-
-from proxy.errors import ConfigError, StateError
+from proxy.errors import StateError
 from proxy.guard import Action, KeyState, Outcome
 from proxy.rules import Rule
-from proxy.settings import redacted
 from proxy.state import Block, Clock, Stats, held, stored
-from proxy.state.circuit import Circuit
+from proxy.state.link import ADMIN_TIMEOUT, CALL_TIMEOUT, RedisLink
 
 log = logging.getLogger("pollguard.state")
 
-T = TypeVar("T")
 Key = tuple[str, str]
 Cached = tuple[float, float, float]  # blocked_until, next_probe, when it was read from Redis
 
-CALL_TIMEOUT = 0.05  # the request path never waits on Redis longer than this
-ADMIN_TIMEOUT = 1.0  # listing blocks, gauges, dropping a rule: more data, nobody's poll waiting
 CACHE_TTL = 1.0  # a blocked key is answered locally this long; an unblock elsewhere holds after it
 CLEAN_FRESH = 0.25  # a 2xx this soon after Redis found its key clean has nothing to write
 ALIVE_TTL = 86_400.0  # "seen answered 2xx" outlives the last 2xx by a day
@@ -101,37 +79,21 @@ class RedisState:
         warm_connections: int = 8,
     ) -> None:
         self._clock = clock
-        self._timeout = timeout
         self._prefix = prefix
         self._alive_ms = str(max(1, round(alive_ttl * 1000)))
-        self._where = redacted(url)
-        try:
-            db = URL(url).path.strip("/") if url.startswith(("redis:", "rediss:")) else ""
-            if db and not db.isdigit():  # redis-py would quietly use db 0
-                raise ValueError(f"the path must be a db number, got {db!r}")
-            # No retries inside redis-py: its default backs off for seconds, and the
-            # circuit below is the only retry policy the request path can afford.
-            self._pool = BlockingConnectionPool.from_url(
-                url,
-                max_connections=max_connections,
-                timeout=timeout,
-                socket_timeout=ADMIN_TIMEOUT,
-                socket_connect_timeout=ADMIN_TIMEOUT,
-                retry=Retry(NoBackoff(), 0),
-                retry_on_error=[],
-                health_check_interval=0,
-                decode_responses=True,
-                **_NO_MAINT,
-            )
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"--state: {self._where}: {exc}") from None
-        self._redis: Redis = Redis(connection_pool=self._pool)
+        self._link = RedisLink(
+            url, timeout=timeout, max_connections=max_connections, on_recovered=self._forget
+        )
+        self._timeout = timeout
+        self._pool = self._link.pool
+        self._redis = self._link.redis
+        self._circuit = self._link.circuit
+        self._call = self._link.call
+        self._admin_call = self._link.admin_call
         self._admit = self._redis.register_script(_script("admit.lua"))
         self._record = self._redis.register_script(_script("record.lua"))
         self._unblock = self._redis.register_script(_script("unblock.lua"))
         self._blocks = self._redis.register_script(_script("blocks.lua"))
-        self._circuit = Circuit()
-        self._answered = -math.inf  # when a call on the request path last succeeded
         self._blocked: TTLCache[Key, Cached] = TTLCache(
             maxsize=cache_size, ttl=cache_ttl, timer=clock
         )
@@ -165,62 +127,11 @@ class RedisState:
     def _index(self, rule: str, which: str) -> str:
         return f"{self._prefix}{{{rule}}}:{which}"
 
-    async def _call(self, call: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
-        """One Redis round trip under the deadline and the circuit; StateError on any failure."""
-        circuit = self._circuit
-        if not circuit.allow():
-            raise self._not_asked()
-        trial = circuit.open
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(timeout or self._timeout):
-                result = await call()
-        except (RedisError, OSError, TimeoutError) as exc:
-            reason = str(exc) or f"no answer within {(timeout or self._timeout) * 1000:.0f} ms"
-            if self._answered > started and not trial:
-                # Redis answered other calls while this one waited: the wait was this
-                # process's (a burst queued on the event loop or for a pooled connection),
-                # no reason to stop asking Redis. This request fails open alone.
-                raise StateError(f"redis at {self._where}: {reason}, others answered") from exc
-            if circuit.failed(trial):
-                log.warning(
-                    "state store unavailable: failing open (requests are forwarded)",
-                    extra={"event": "state_unavailable", "state": self._where, "error": reason},
-                )
-            raise StateError(f"redis at {self._where}: {reason}") from exc
-        except BaseException:
-            circuit.abandoned(trial)
-            raise
-        self._answered = time.monotonic()
-        if circuit.succeeded():
-            # Redis may have come back empty (a restart): the flags and counts these
-            # views stand for may be gone, so the next polls ask again.
-            for cache in (self._blocked, self._clean, self._alive_marked):
-                cache.clear()
-            log.info(
-                "state store answers again",
-                extra={"event": "state_recovered", "state": self._where},
-            )
-        return result
-
-    async def _admin_call(self, call: Callable[[], Awaitable[T]]) -> T:
-        """A call of the admin port's (listing, gauges, dropping keys): ADMIN_TIMEOUT, and
-        outside the circuit. It fails at once while the circuit is open, but its own
-        failure or slowness opens nothing: polls keep their blocks and their counting."""
-        if self._circuit.open:
-            raise self._not_asked()
-        try:
-            async with asyncio.timeout(ADMIN_TIMEOUT):
-                return await call()
-        except (RedisError, OSError, TimeoutError) as exc:
-            reason = str(exc) or f"no answer within {ADMIN_TIMEOUT * 1000:.0f} ms"
-            raise StateError(f"redis at {self._where}: {reason}") from exc
-
-    def _not_asked(self) -> StateError:
-        return StateError(
-            f"redis at {self._where}: not asked after errors, next try in "
-            f"{self._circuit.retry_in():.2f}s"
-        )
+    def _forget(self) -> None:
+        """After an outage: Redis may have come back empty (a restart), and the flags and
+        counts these views stand for may be gone, so the next polls ask again."""
+        for cache in (self._blocked, self._clean, self._alive_marked):
+            cache.clear()
 
     def _remember(self, rule: Rule) -> None:
         if rule.name not in self._rules:
@@ -452,17 +363,13 @@ class RedisState:
                 await self._admin_call(unlink)
 
     async def ping(self) -> None:
-        async def ping() -> None:
-            await self._redis.ping()
-
-        await self._call(ping)
+        await self._link.ping()
 
     async def close(self) -> None:
         for task in list(self._refreshing.values()):
             task.cancel()
         await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
-        await self._redis.aclose()
-        await self._pool.aclose()
+        await self._link.close()
 
 
 @functools.lru_cache(maxsize=256)
