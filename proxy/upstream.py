@@ -29,6 +29,8 @@ from proxy.headers import RawHeaders
 # connection turns out to have been closed by the upstream just as it was reused
 # (aiohttp's ClientSession does the same).
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Final statuses whose answer ends at its head, whatever its length says (RFC 9112 6.3).
+_BODILESS = (b"204", b"304")
 
 
 class UpstreamConnection(ResponseHandler):
@@ -60,7 +62,7 @@ class UpstreamConnection(ResponseHandler):
             status = data[9:12]  # "HTTP/1.1 200": an answer that can have a body is let be
             if (
                 self.head_only or self._head or len(status) < 3 or status[0] == 49  # b"1"
-                or status == b"204" or status == b"304"
+                or status in _BODILESS
             ):  # fmt: skip
                 data = self._up_to_final_head(data)
             else:
@@ -96,7 +98,7 @@ class UpstreamConnection(ResponseHandler):
                 continue
             self.in_head = False
             self._head = b""
-            if not self.head_only and status != b"204" and status != b"304":
+            if not self.head_only and status not in _BODILESS:
                 return data
             cut = end + 4 - len(seen)
             if cut < len(data):
