@@ -18,7 +18,8 @@ from proxy.guard import Action
 from proxy.logs import LineSink, access_logger, open_sink, server_logger
 from proxy.matching import Matcher
 from proxy.metrics import NO_RULE, Metrics, RuleMetrics
-from proxy.rules import Rule, RuleSet, load_rules
+from proxy.rulefiles import load_rules
+from proxy.rules import Rule, RuleSet
 from proxy.serving import ProxyRequest, ProxyServer
 from proxy.settings import Address, Settings, redacted
 from proxy.state import Clock, StateStore

@@ -18,7 +18,8 @@ from typing import Any, NoReturn, TypeVar
 
 from proxy import __version__
 from proxy.errors import ConfigError, RulesError
-from proxy.rules import RuleSet, doubts, load_rules
+from proxy.rulefiles import load_rules
+from proxy.rules import RuleSet, doubts
 from proxy.settings import (
     SERVE_OPTIONS,
     Settings,

@@ -28,7 +28,8 @@ from yarl import URL
 
 from proxy.errors import ConfigError, RulesError
 from proxy.matching import Matcher
-from proxy.rules import Rule, RuleSet, load_rules, parse_rules
+from proxy.rulefiles import load_rules, parse_rules
+from proxy.rules import Rule, RuleSet
 from proxy.sample_backend import SampleBackend
 from proxy.settings import Address, Settings
 from proxy.units import format_duration

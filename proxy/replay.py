@@ -23,7 +23,8 @@ from proxy.errors import ConfigError, RulesError
 from proxy.guard import Action
 from proxy.logformats import LogReader, UnreadableLog, open_log, split_request
 from proxy.matching import Matcher
-from proxy.rules import RuleSet, parse_rules
+from proxy.rulefiles import parse_rules
+from proxy.rules import RuleSet
 from proxy.state.memory import MemoryState
 
 # The rule keys a --try may change: the engine's settings, not what a rule matches or answers.
@@ -276,7 +277,7 @@ def _match(
 def vary(rules: RuleSet, text: str) -> RuleSet:
     """The rules as their files say, with `KEY=VALUE ...` set in every rule (--try).
 
-    The changed files are read again by rules.py, so defaults follow as they would in a
+    The changed files are read again by rulefiles.py, so defaults follow as they would in a
     file: `threshold=3` also moves a `threshold_after_2xx` the file leaves unset.
     """
     changes = parse_try(text)

@@ -13,7 +13,8 @@ import pytest
 from yarl import URL
 
 from proxy.app import Pollguard
-from proxy.rules import RuleSet, load_rules
+from proxy.rulefiles import load_rules
+from proxy.rules import RuleSet
 from proxy.settings import Address, Settings
 from proxy.state import StateStore
 from proxy.state.memory import MemoryState

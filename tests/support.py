@@ -20,7 +20,8 @@ from typing import Any, NoReturn
 import pytest
 from aiohttp import WSMsgType, web
 
-from proxy.rules import RuleSet, parse_rules
+from proxy.rulefiles import parse_rules
+from proxy.rules import RuleSet
 
 EPOCH = 1_800_000_000.0  # 2027-01-15: a plain wall-clock time, far from 0
 

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.rules import load_rules
+from proxy.rulefiles import load_rules
 from tests.conftest import StartPollguard
 from tests.deploy_support import (
     ALERTS,

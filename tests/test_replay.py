@@ -21,7 +21,7 @@ from proxy.guard import Action
 from proxy.logformats import parse_line
 from proxy.replay import TracingEngine, replay
 from proxy.replay_report import to_json
-from proxy.rules import load_rules
+from proxy.rulefiles import load_rules
 from tests.conftest import StartPollguard
 from tests.support import EPOCH, FakeClock, rule_toml, ruleset
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import RulesError
-from proxy.rules import DEFAULT_BODY, load_rules, parse_rules
+from proxy.rulefiles import load_rules, parse_rules
+from proxy.rules import DEFAULT_BODY
 from tests.support import rule_toml
 
 REPO = Path(__file__).resolve().parent.parent

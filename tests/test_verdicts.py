@@ -14,7 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.rules import Rule, RuleSet, load_rules
+from proxy.rulefiles import load_rules
+from proxy.rules import Rule, RuleSet
 from proxy.state.memory import MemoryState
 from tests.conftest import MakeStore, Running, StartPollguard
 from tests.support import REPO, FakeClock, Upstream, rule_toml, ruleset

@@ -33,7 +33,7 @@ def rss_mb() -> float:
 
 async def fill(keys: int, max_keys: int) -> None:
     import proxy.app  # noqa: F401 - a serve process's imports, for an honest baseline
-    from proxy.rules import load_rules
+    from proxy.rulefiles import load_rules
     from proxy.state.memory import MemoryState
 
     rule = load_rules(REPO / "rules").rules[0]

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from proxy.replay import replay  # noqa: E402
-from proxy.rules import load_rules  # noqa: E402
+from proxy.rulefiles import load_rules  # noqa: E402
 
 DAY = 86_400
 START = 1_771_718_400  # 2026-02-22 00:00:00 UTC

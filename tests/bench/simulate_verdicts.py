@@ -48,7 +48,8 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.app import Pollguard
-from proxy.rules import RuleSet, load_rules
+from proxy.rulefiles import load_rules
+from proxy.rules import RuleSet
 from proxy.settings import Address, Settings
 from proxy.units import format_duration, parse_duration
 from tests.support import EPOCH, FakeClock, rule_toml, ruleset
