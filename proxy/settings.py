@@ -62,7 +62,8 @@ SERVE_OPTIONS: dict[str, tuple[str, str | None, str]] = {
     "max_keys": (
         "POLLGUARD_MAX_KEYS",
         "100000",
-        "memory state: counts, blocks and seen-alive marks kept per process, up to N each",
+        "counts, blocks and seen-alive marks kept per process, up to N each "
+        "(Redis state: the size of each local cache)",
     ),
     "upstream_timeout": (
         "POLLGUARD_UPSTREAM_TIMEOUT",
