@@ -102,6 +102,20 @@ class ProxyConnection(RequestHandler):
             self.remote = str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer)
         super().connection_made(transport)
 
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """aiohttp's, bounded by `timeout` in all (--drain-timeout). aiohttp waits that long
+        for the request in flight, then cancels it and waits as long again, so a request
+        held by a slow upstream, a long body or a WebSocket kept the process twice the
+        drain, past the grace period deploy/ gives it. After `timeout` the request is cut,
+        as nginx's worker_shutdown_timeout cuts them."""
+        try:
+            async with asyncio.timeout(timeout):
+                await super().shutdown(timeout)
+        except TimeoutError:
+            if self._task_handler is not None:
+                self._task_handler.cancel()
+            self.force_close()
+
     async def start(self) -> None:
         loop = self._loop
         manager = self._manager

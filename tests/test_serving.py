@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 
+import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
@@ -207,3 +209,22 @@ async def test_an_access_logger_of_aiohttps_own_kind_is_given_seconds() -> None:
     [(path, status, seconds)] = logged
     assert (path, status) == ("/slow", 200)
     assert 0.015 < seconds < 5  # seconds, not nanoseconds
+
+
+async def test_a_request_still_in_flight_when_the_drain_ends_is_cut(
+    start_pollguard: StartPollguard,
+) -> None:
+    """--drain-timeout bounds the whole drain. aiohttp's own shutdown waited that long for
+    the request, then as long again for its cancelled handler: with an upstream slower
+    than the drain, stop() took twice the drain, past deploy/'s grace periods."""
+    running = await start_pollguard(drain_timeout=1.0)
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as http:
+        slow = asyncio.ensure_future(http.get(running.url("/slow?delay=10")))
+        await asyncio.sleep(0.3)  # upstream by now
+        began = loop.time()
+        await running.pg.stop()
+        took = loop.time() - began
+        with pytest.raises(aiohttp.ClientError):
+            await slow
+    assert 0.9 < took < 1.8, took  # before: 2.0 s
