@@ -157,6 +157,11 @@ def _refusal(request: web.Request) -> web.Response | None:
     return None
 
 
+# The host's own clients. Not all of 127.0.0.0/8: a service mesh's sidecar hands a pod
+# the traffic of other pods from there (Istio from 127.0.0.6), which would reach the API.
+_LOOPBACK = frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
+
+
 def _is_loopback(remote: str | None) -> bool:
     # request.remote is the TCP peer: the admin app has nothing that rewrites it from
     # X-Forwarded-For, and must never get anything that does.
@@ -166,7 +171,7 @@ def _is_loopback(remote: str | None) -> bool:
         return False  # not an IP peer (a unix socket): refuse
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack socket
-    return address.is_loopback
+    return address in _LOOPBACK
 
 
 async def list_blocks(request: web.Request) -> web.StreamResponse:

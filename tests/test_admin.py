@@ -349,3 +349,16 @@ async def test_the_public_port_forwards_admin_paths_like_any_other(
     async with http.get(pg.url("/test/status/lost-1")) as resp:
         assert resp.status == 410
     assert reloads(pg) == 0
+
+
+async def test_a_peer_elsewhere_on_127_0_0_0_8_is_not_the_hosts_own_client(
+    start_pollguard: StartPollguard,
+) -> None:
+    """Istio hands a pod the connections of other pods from 127.0.0.6: loopback by the
+    address, anyone in the mesh by who sends them."""
+    pg = await start_pollguard()
+    for source, expected in (("127.0.0.6", 403), ("127.0.0.1", 200)):
+        connector = aiohttp.TCPConnector(local_addr=(source, 0))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            status, _, _ = await call(http, "GET", admin_url(pg, "/admin/blocks"))
+        assert status == expected, source
