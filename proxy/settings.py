@@ -140,7 +140,7 @@ def build_settings(values: Mapping[str, str | None], *, from_env: Collection[str
         state=opt("state", parse_state_url),
         max_keys=opt("max_keys", positive_int),
         upstream_timeout=opt("upstream_timeout", _positive_duration),
-        admin_token=values.get("admin_token") or None,
+        admin_token=opt("admin_token", parse_admin_token),
         workers=opt("workers", positive_int),
         client_timeout=opt("client_timeout", _positive_duration),
         max_body_size=opt("max_body_size", parse_size),
@@ -155,6 +155,28 @@ def parse_path(text: str) -> Path:
     if not text:
         raise ValueError("expected a .toml file or a folder of them, got ''")
     return Path(text)
+
+
+# RFC 6750 2.1: what a Bearer credential may hold (b64token).
+_TOKEN_CHARS = r"[A-Za-z0-9._~+/-]"
+_B64TOKEN = re.compile(_TOKEN_CHARS + "+=*")
+
+
+def parse_admin_token(text: str) -> str | None:
+    """A bearer token, or None (empty: no token). Refused, without quoting the secret:
+    anything a client could not send as `Authorization: Bearer TOKEN`, as a comment that
+    a systemd environment file keeps in the value (`TOKEN=s3cret  # for Prometheus`)."""
+    if not text:
+        return None
+    if not _B64TOKEN.fullmatch(text):
+        body = text.rstrip("=")
+        bad = next((i for i, c in enumerate(body) if not re.fullmatch(_TOKEN_CHARS, c)), None)
+        where = "" if bad is None else f"; character {bad + 1} of {len(text)} is {text[bad]!r}"
+        raise ValueError(
+            "must be a bearer token: letters, digits and -._~+/, then any = padding "
+            f"(RFC 6750){where}"
+        )
+    return text
 
 
 def parse_access_log(text: str) -> str:

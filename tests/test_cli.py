@@ -181,6 +181,19 @@ def _taken_port() -> tuple[socket.socket, int]:
             "POLLGUARD_DRAIN_TIMEOUT: must be at most 365d, got '366d'", id="long-drain-from-env",
         ),
         pytest.param(
+            [], {"POLLGUARD_UPSTREAM": "http://127.0.0.1:5000",
+                 "POLLGUARD_ADMIN_TOKEN": "s3cret  # for Prometheus"},
+            "POLLGUARD_ADMIN_TOKEN: must be a bearer token: letters, digits and -._~+/, then"
+            " any = padding (RFC 6750); character 7 of 24 is ' '",
+            id="a-comment-in-the-token",
+        ),
+        pytest.param(
+            ["--upstream", "http://127.0.0.1:5000", "--admin-token", "pass word"], {},
+            "--admin-token: must be a bearer token: letters, digits and -._~+/, then any ="
+            " padding (RFC 6750); character 5 of 9 is ' '",
+            id="bad-token",
+        ),
+        pytest.param(
             ["--upstream", "http://127.0.0.1:5000", "--max-keys", "0"], {},
             "--max-keys: expected an integer >= 1, got '0'", id="bad-max-keys",
         ),

@@ -169,14 +169,25 @@ async def test_dockerfile_healthcheck_command_asks_a_live_pollguard(
 # --- docker-compose.yml --------------------------------------------------------------
 
 
+_COMPOSE_DEFAULT = re.compile(r"\$\{\w+:-([^}]*)\}")
+
+
+def test_compose_needs_no_variable_exported() -> None:
+    """`${VAR:?message}` fails every compose command (down, kill -s HUP) in a shell
+    without VAR, not only `up`."""
+    assert re.search(r"\$\{\w+:?\?", COMPOSE.read_text(encoding="utf-8")) is None
+    assert compose_settings().admin_token is None
+
+
 def compose() -> dict[str, Any]:
     data: dict[str, Any] = load_yaml(COMPOSE)
     return data
 
 
 def compose_settings() -> Settings:
+    """pollguard's settings as Compose gives them with nothing exported (`${VAR:-x}` is x)."""
     pollguard = compose()["services"]["pollguard"]
-    env = {k: str(v) for k, v in pollguard["environment"].items()}
+    env = {k: _COMPOSE_DEFAULT.sub(r"\1", str(v)) for k, v in pollguard["environment"].items()}
     image_env = Dockerfile.read(DOCKERFILE).env()
     return build_settings(serve_values(image_env | env, pollguard.get("command", [])[1:]))
 
@@ -383,6 +394,18 @@ def test_unit_settings_are_valid() -> None:
 
     assert settings.drain_timeout < int(service["TimeoutStopSec"][0].rstrip("s"))
     assert service["EnvironmentFile"] == ["/etc/pollguard/pollguard.env"]
+
+
+def test_each_setting_the_env_file_leaves_commented_out_is_valid_uncommented() -> None:
+    """systemd keeps a `# comment` after a value in the value: an example line with one
+    becomes a bad listen address, or worse a token with the comment in it."""
+    examples = re.findall(r"(?m)^# (POLLGUARD_\w+)=(.*)$", UNIT_ENV.read_text(encoding="utf-8"))
+    assert len(examples) >= 4
+    service = unit()["Service"]
+    _binary, _command, *args = service["ExecStart"][0].split()
+    for name, value in examples:
+        assert "#" not in value, name
+        build_settings(serve_values(unit_env() | {name: value}, args))
 
 
 def test_unit_reload_checks_the_rules_then_sends_sighup() -> None:

@@ -16,6 +16,7 @@ from proxy.settings import (
     build_settings,
     env_value,
     parse_address,
+    parse_admin_token,
     parse_state_url,
     parse_upstream,
     positive_int,
@@ -219,3 +220,19 @@ def test_state_urls_refused(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)) as refused:
         parse_state_url(text)
     assert "s3cret" not in str(refused.value)  # errors quote the URL, never its password
+
+
+@pytest.mark.parametrize("text", ["s3cret", "a-b.c_d~e+f/g", "dG9rZW4=", "dG9r=="])
+def test_admin_tokens_accepted(text: str) -> None:
+    assert parse_admin_token(text) == text
+
+
+@pytest.mark.parametrize("text", ["s3cret # x", "a=b", "==", "tab\there", "clé", "a,b"])
+def test_admin_tokens_refused_without_quoting_them(text: str) -> None:
+    with pytest.raises(ValueError, match="must be a bearer token") as refused:
+        parse_admin_token(text)
+    assert text not in str(refused.value)
+
+
+def test_an_empty_admin_token_is_none() -> None:
+    assert parse_admin_token("") is None
