@@ -326,6 +326,7 @@ def test_k8s_every_container_has_limits_and_runs_unprivileged() -> None:
         assert {"cpu", "memory"} <= set(resources["limits"]), container["name"]
         assert {"cpu", "memory"} <= set(resources["requests"]), container["name"]
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["automountServiceAccountToken"] is False
     grace = pod["terminationGracePeriodSeconds"]
     assert grace > k8s_settings().drain_timeout + 5, "preStop sleep + drain must fit"
 
@@ -345,6 +346,8 @@ def test_k8s_rules_mount_and_reload_sidecar_agree() -> None:
     assert args["volume-dir"] == str(settings.rules)
     hook = URL(args["webhook-url"])
     assert hook.host == "127.0.0.1", "loopback: /admin/* needs no token from inside the pod"
+    # configmap-reload sends no Authorization header: with a token, every reload is a 401
+    assert settings.admin_token is None and settings.workers == 1
     assert hook.port == settings.admin_listen.port
     assert hook.path == "/admin/reload" and hook.path in admin_paths()
     assert args["webhook-method"] == "POST"
