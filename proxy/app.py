@@ -165,6 +165,21 @@ class Pollguard:
         host, port = runner.addresses[-1][:2]
         return Address(host, port)
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1: the access log file starts anew at its path (after logrotate moved it)."""
+        if self._sink is None or self._sink.path is None:
+            return
+        try:
+            self._sink.reopen()
+        except OSError as exc:
+            log.error(
+                "access log not reopened; still writing to the old file",
+                extra={"event": "log_reopen_failed", "path": self._sink.path,
+                       "error": os_reason(exc)},
+            )  # fmt: skip
+            return
+        log.info("access log reopened", extra={"event": "log_reopened", "path": self._sink.path})
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (--drain-timeout), then close.
 

@@ -228,6 +228,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # and the handler is only installed once the event loop runs (or, with --workers, the
     # parent blocks it to wait for it): until then a SIGHUP is ignored, not fatal.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # likewise "reopen the access log"
     settings = serve_settings(args)
     rules = load_rules(settings.rules)
     if settings.workers > 1 and settings.state == "memory://":
@@ -278,6 +279,7 @@ async def _serve(pg: Any) -> None:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGUSR1, pg.reopen_logs)
     await pg.serve_forever(stop)
 
 

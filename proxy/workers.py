@@ -4,7 +4,8 @@ The kernel spreads connections over the workers (SO_REUSEPORT). Worker i serves 
 admin API on the admin port + i, so each worker's counters are scraped as they are
 (Prometheus sums them; the state gauges read Redis and are the same in every worker).
 The parent serves nothing: it forks, restarts a worker that dies, passes SIGHUP on
-(a worker's own, sent after a POST /admin/reload, to the others), and on SIGTERM/SIGINT
+(a worker's own, sent after a POST /admin/reload, to the others) and SIGUSR1 (reopen
+the access log), and on SIGTERM/SIGINT
 stops every worker and waits for them to drain.
 """
 
@@ -30,7 +31,7 @@ log = logging.getLogger("pollguard.workers")
 EXIT_USAGE = 2  # a worker that exits with this (port taken, bad setting) will not do better
 RESTART_FIRST, RESTART_LONGEST = 0.1, 5.0  # seconds before restarting a worker, doubled per crash
 STEADY = 10.0  # a worker that ran this long before dying is restarted after RESTART_FIRST again
-WATCHED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+WATCHED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 _PR_SET_PDEATHSIG = 1
 
 Serve = Callable[[Settings], int]
@@ -125,6 +126,8 @@ class _Supervisor:
             # From a worker: it reloaded through the admin API (tell_parent_reloaded), and
             # the others follow. From anyone else: every worker reloads.
             self.signal_all(signal.SIGHUP, but=sender)
+        elif signo == signal.SIGUSR1:
+            self.signal_all(signal.SIGUSR1)  # each worker reopens its access log
         elif signo in (signal.SIGTERM, signal.SIGINT):
             self.stop()
 
@@ -192,10 +195,12 @@ class _Supervisor:
     def child(self, index: int, parent: int) -> None:
         code = 1
         try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
-            # The parent passes SIGHUP on; until the worker's event loop handles it (rules
-            # reload), it must not end the worker, which is SIGHUP's default action.
+            # The parent passes SIGHUP and SIGUSR1 on; until the worker's event loop handles
+            # them (rules reload, access log reopen), they must not end the worker, which
+            # is their default action: ignored before they are unblocked.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
             _exit_with_parent(parent)
             code = self.serve(worker_settings(self.settings, index))
         except SystemExit as exc:

@@ -383,16 +383,17 @@ class ServeProcess:
         await self.kill()
         raise TimeoutError("pollguard did not become healthy")
 
-    def sighup(self) -> str | None:
-        """What the process does with SIGHUP now: "ignored", "caught", "blocked" (waited
-        for) or None (the default action, which ends it). Linux only: read from /proc."""
+    def disposition(self, signo: int = signal.SIGHUP) -> str | None:
+        """What the process does with `signo` now: "ignored", "caught", "blocked" (waited
+        for) or None (the default action, which for SIGHUP and SIGUSR1 ends it). Linux
+        only: read from /proc."""
         assert self.proc is not None
         status = {}
         with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as f:
             for line in f:
                 name, _, value = line.partition(":")
                 status[name] = value.strip()
-        bit = 1 << (signal.SIGHUP - 1)
+        bit = 1 << (signo - 1)
         if int(status["SigIgn"], 16) & bit:
             return "ignored"
         if int(status["SigCgt"], 16) & bit:
@@ -431,14 +432,18 @@ class ServeProcess:
             await self.proc.wait()
 
 
-async def sighup_while_starting(pg: ServeProcess, health: list[str], timeout: float = 15.0) -> int:
-    """Spawn `pg` and SIGHUP it every 10 ms from the moment that no longer kills it until
-    every URL in `health` answers 200; how many were sent.
+async def signal_while_starting(
+    pg: ServeProcess, health: list[str], signo: int = signal.SIGHUP, timeout: float = 15.0
+) -> int:
+    """Spawn `pg` and send it `signo` (SIGHUP: reload, SIGUSR1: reopen the log) every
+    10 ms from the moment that no longer kills it until every URL in `health` answers
+    200; how many were sent.
 
-    That moment must come while SIGHUP is still ignored, before any handler is installed:
-    the interpreter's own startup (~0.2 s), where the default action holds, is all it may
-    take. AssertionError if the process dies on one, or never ignored SIGHUP first.
+    That moment must come while the signal is still ignored, before any handler is
+    installed: the interpreter's own startup (~0.2 s), where the default action holds, is
+    all it may take. AssertionError if the process dies on one, or never ignored it first.
     """
+    name = signal.Signals(signo).name
     import aiohttp
 
     proc = await pg.spawn()
@@ -448,18 +453,18 @@ async def sighup_while_starting(pg: ServeProcess, health: list[str], timeout: fl
             while True:
                 if proc.returncode is not None:
                     raise AssertionError(f"pollguard exited {proc.returncode}")
-                seen = pg.sighup()
+                seen = pg.disposition(signo)
                 if seen is not None:
                     break
                 await asyncio.sleep(0.001)
-            assert seen == "ignored", f"SIGHUP was {seen} before it was ignored"
+            assert seen == "ignored", f"{name} was {seen} before it was ignored"
             pending = list(health)
             while pending:
-                proc.send_signal(signal.SIGHUP)
+                proc.send_signal(signo)
                 sent += 1
                 await asyncio.sleep(0.01)
                 if proc.returncode is not None:
-                    raise AssertionError(f"SIGHUP #{sent} ended pollguard ({proc.returncode})")
+                    raise AssertionError(f"{name} #{sent} ended pollguard ({proc.returncode})")
                 try:
                     async with http.get(pending[0]) as resp:
                         if resp.status == 200:
@@ -468,5 +473,5 @@ async def sighup_while_starting(pg: ServeProcess, health: list[str], timeout: fl
                     pass
     except (AssertionError, TimeoutError) as exc:  # with what the process said
         said = pg.stderr()
-        raise AssertionError(f"{exc or 'timed out'} after {sent} SIGHUPs; stderr:\n{said}") from exc
+        raise AssertionError(f"{exc or 'timed out'} after {sent} {name}s; stderr:\n{said}") from exc
     return sent

@@ -20,7 +20,7 @@ from tests.support import (
     Upstream,
     cli_env,
     rule_toml,
-    sighup_while_starting,
+    signal_while_starting,
 )
 
 
@@ -339,17 +339,18 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
     assert [e["event"] for e in events if "event" in e] == ["started", "stopping"]
 
 
-async def test_a_sighup_while_serve_starts_up_does_not_end_it(
-    upstream: Upstream, tmp_path: Path
+@pytest.mark.parametrize("signo", [signal.SIGHUP, signal.SIGUSR1], ids=["HUP", "USR1"])
+async def test_a_sighup_or_sigusr1_while_serve_starts_up_does_not_end_it(
+    upstream: Upstream, tmp_path: Path, signo: signal.Signals
 ) -> None:
-    """The handler (a rules reload) is only installed once the event loop runs; SIGHUP's
-    default action would end the process before that (exit 129)."""
+    """The handlers (a rules reload, reopening the access log) are only installed once the
+    event loop runs; the signals' default action would end the process before that."""
     pg = ServeProcess(
-        "--upstream", upstream.url, "--rules", f"{REPO}/rules", "--access-log", "off",
-        logs=str(tmp_path),
+        "--upstream", upstream.url, "--rules", f"{REPO}/rules",
+        "--access-log", str(tmp_path / "access.log"), logs=str(tmp_path),
     )  # fmt: skip
     try:
-        sent = await sighup_while_starting(pg, [pg.admin_base + "/healthz"])
+        sent = await signal_while_starting(pg, [pg.admin_base + "/healthz"], signo)
         assert sent > 1
         async with aiohttp.ClientSession() as http, http.get(pg.base + "/test/status/x") as resp:
             assert resp.status == 404  # the upstream's: it serves
@@ -402,3 +403,33 @@ def test_serve_refuses_the_pure_python_http_parser() -> None:
     assert done.returncode == 2
     assert "aiohttp's C HTTP parser is not in use" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+async def test_sigusr1_reopens_the_access_log_after_logrotate_moved_it(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """As nginx does on USR1: lines held before the signal go to the moved file, later
+    ones to a new file at the path."""
+    log = tmp_path / "access.log"
+    pg = await ServeProcess(
+        "--upstream", upstream.url, "--rules", f"{REPO}/rules", "--access-log", str(log),
+        logs=str(tmp_path),
+    ).start()  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(pg.base + "/test/status/before") as resp:
+                assert resp.status == 404
+            log.rename(tmp_path / "access.log.1")  # logrotate's default: move, then signal
+            assert pg.proc is not None
+            pg.proc.send_signal(signal.SIGUSR1)
+            async with asyncio.timeout(10):
+                while '"event": "log_reopened"' not in pg.stderr():
+                    await asyncio.sleep(0.05)
+            async with http.get(pg.base + "/test/status/after") as resp:
+                assert resp.status == 404
+        assert await pg.stop() == 0
+    finally:
+        await pg.kill()
+    moved = (tmp_path / "access.log.1").read_text(encoding="utf-8")
+    assert "/test/status/before" in moved and "/test/status/after" not in moved
+    assert "/test/status/after" in log.read_text(encoding="utf-8")

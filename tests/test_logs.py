@@ -181,3 +181,21 @@ async def test_an_access_log_that_cannot_be_opened_is_one_config_error(
     assert str(caught.value) == f"--access-log: cannot open {path}: {reason}"
     assert pg.proxy_address is None
     assert pg.forwarder._session is None
+
+
+async def test_an_access_log_that_cannot_be_reopened_stays_on_the_old_file(
+    start_pollguard: StartPollguard, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    pg = await start_pollguard(access_log=str(folder / "access.log"))
+    folder.rename(tmp_path / "moved")  # the path's folder is gone: nothing to open there
+    caplog.set_level(logging.INFO)
+    pg.pg.reopen_logs()
+    (failed,) = [r for r in caplog.records if getattr(r, "event", "") == "log_reopen_failed"]
+    assert failed.levelno == logging.ERROR and "No such file" in failed.error
+    async with aiohttp.ClientSession() as http, http.get(pg.url("/test/status/x")) as resp:
+        assert resp.status == 404
+    await pg.pg.stop()  # flushes the access log
+    (line,) = (tmp_path / "moved" / "access.log").read_text().splitlines()
+    assert json.loads(line)["path"] == "/test/status/x"

@@ -25,7 +25,7 @@ from tests.support import (
     free_port,
     free_ports,
     rule_toml,
-    sighup_while_starting,
+    signal_while_starting,
 )
 
 pytestmark = pytest.mark.slow
@@ -249,19 +249,39 @@ def test_an_access_log_it_cannot_open_is_one_line_before_any_worker_starts(
     )
 
 
-async def test_a_sighup_while_the_workers_start_ends_no_process(
-    tmp_path: Path, redis_server: RedisServer, workers: list[ServeProcess]
+@pytest.mark.parametrize("signo", [signal.SIGHUP, signal.SIGUSR1], ids=["HUP", "USR1"])
+async def test_a_sighup_or_sigusr1_while_the_workers_start_ends_no_process(
+    tmp_path: Path, redis_server: RedisServer, workers: list[ServeProcess], signo: int
 ) -> None:
-    """The parent before it blocks SIGHUP to pass it on, a worker before its event loop
-    handles it: neither may die of it (SIGHUP's default action)."""
+    """The parent before it blocks the signal to pass it on, a worker before its event
+    loop handles it: neither may die of it (the signal's default action)."""
     pg = ServeProcess(
-        "--workers", "2", "--access-log", "off", "--upstream", "http://127.0.0.1:9",
-        "--rules", REPO + "/rules", "--state", redis_server.url(), logs=str(tmp_path),
+        "--workers", "2", "--access-log", str(tmp_path / "access.log"),
+        "--upstream", "http://127.0.0.1:9", "--rules", REPO + "/rules",
+        "--state", redis_server.url(), logs=str(tmp_path),
     )  # fmt: skip
     pg.admin_port = free_ports(2)
     pg.args[pg.args.index("--admin-listen") + 1] = f"127.0.0.1:{pg.admin_port}"
     workers.append(pg)
-    await sighup_while_starting(pg, [admin_url(pg, "/healthz", w) for w in range(2)])
+    await signal_while_starting(pg, [admin_url(pg, "/healthz", w) for w in range(2)], signo)
     assert [e for e in events(pg) if e.get("event") == "worker_died"] == []
     assert sorted(worker_pids(pg)) == [0, 1]
+    assert await pg.stop() == 0
+
+
+async def test_sigusr1_to_the_parent_reopens_every_workers_access_log(
+    tmp_path: Path, upstream: Upstream, redis_server: RedisServer, workers: list[ServeProcess]
+) -> None:
+    log = tmp_path / "access.log"
+    pg = await start_workers(
+        workers, tmp_path, 2, "--upstream", upstream.url, "--rules", REPO + "/rules",
+        "--state", redis_server.url(), "--access-log", str(log),
+    )  # fmt: skip
+    pids = worker_pids(pg)
+    log.rename(tmp_path / "access.log.1")
+    assert pg.proc is not None
+    pg.proc.send_signal(signal.SIGUSR1)
+    await eventually(lambda: sum(e.get("event") == "log_reopened" for e in events(pg)) == 2)
+    assert log.exists()  # opened anew at the path
+    assert worker_pids(pg) == pids and all(alive(pid) for pid in pids.values())
     assert await pg.stop() == 0
