@@ -51,7 +51,7 @@ def test_dashboard_asks_for_its_prometheus_instead_of_naming_one() -> None:
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     used = set(re.findall(r"\$(\w+)", " ".join(dashboard_exprs())))
-    assert used - {"__rate_interval", "__range"} <= set(variables), "undefined variables"
+    assert used - {"__rate_interval", "__interval", "__range"} <= set(variables), "undefined variables"
 
 
 def test_dashboard_shows_what_the_issue_asks_for() -> None:
@@ -101,3 +101,13 @@ async def test_dashboard_queries_name_only_what_pollguard_exports(
             problems[query].append(f"{metric} has no label {label!r}")
 
     assert {k: v for k, v in problems.items() if v} == {}
+
+
+def test_counts_per_bar_never_overlap_their_neighbours() -> None:
+    """increase() over $__rate_interval (longer than the step) counts one event in about
+    two bars; over $__interval with a step of at least 4 scrapes, in one."""
+    for panel in dashboard()["panels"]:
+        for target in panel["targets"]:
+            if "increase(" in target["expr"] and "[$__range]" not in target["expr"]:
+                assert "[$__interval]" in target["expr"], panel["title"]
+                assert panel["interval"] == "1m", panel["title"]

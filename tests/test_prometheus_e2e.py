@@ -44,6 +44,7 @@ HTTP_TIMEOUT = aiohttp.ClientTimeout(total=5)
 # How a dashboard's Grafana variables are filled in to run its queries here.
 GRAFANA_VARIABLES = {
     "$__rate_interval": "1m",
+    "$__interval": "1m",
     "$__range": "1m",
     "$job": "pollguard",
     "$instance": ".*",
