@@ -51,7 +51,9 @@ def test_dashboard_asks_for_its_prometheus_instead_of_naming_one() -> None:
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     used = set(re.findall(r"\$(\w+)", " ".join(dashboard_exprs())))
-    assert used - {"__rate_interval", "__interval", "__range"} <= set(variables), "undefined variables"
+    assert used - {"__rate_interval", "__interval", "__range"} <= set(variables), (
+        "undefined variables"
+    )
 
 
 def test_dashboard_shows_what_the_issue_asks_for() -> None:
