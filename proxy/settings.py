@@ -241,6 +241,11 @@ def parse_address(text: str) -> Address:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ValueError(f"expected HOST:PORT, got {text!r}") from None
+    elif not _is_host(host, host):  # else the resolver's IDNA codec raises at bind time
+        raise ValueError(
+            f"expected HOST:PORT with an IP address or a host name (letters, digits, "
+            f"hyphens, dots) as HOST, got {text!r}"
+        )
     return Address(host, int(port_text))
 
 

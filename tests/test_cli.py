@@ -163,6 +163,12 @@ def _taken_port() -> tuple[socket.socket, int]:
             id="upstream-port-0",
         ),
         pytest.param(
+            ["--upstream", "http://127.0.0.1:5000", "--listen", "127..0.0.1:8080"], {},
+            "--listen: expected HOST:PORT with an IP address or a host name (letters, digits,"
+            " hyphens, dots) as HOST, got '127..0.0.1:8080'",
+            id="listen-host-the-resolver-chokes-on",
+        ),
+        pytest.param(
             ["--upstream", "http://127.0.0.1:5000", "--listen", "nonsense"], {},
             "--listen: expected HOST:PORT, got 'nonsense'", id="bad-listen",
         ),

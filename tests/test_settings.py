@@ -165,6 +165,15 @@ def test_listen_addresses_refused(text: str) -> None:
         parse_address(text)
 
 
+@pytest.mark.parametrize(
+    "host", ["127..0.0.1", "a" * 64, ".", "exa mple", "hôte", "bad\udcffhost", "-x-"]
+)
+def test_listen_hosts_refused_before_the_resolver_sees_them(host: str) -> None:
+    """Each of these made bind() raise UnicodeError from the IDNA codec: a traceback."""
+    with pytest.raises(ValueError, match="as HOST, got"):
+        parse_address(f"{host}:8080")
+
+
 @pytest.mark.parametrize("text", ["1", "100000", "0012"])
 def test_positive_ints(text: str) -> None:
     assert positive_int(text) == int(text)
