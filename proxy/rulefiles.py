@@ -103,6 +103,12 @@ def _parse_file(source: str, text: str, errors: list[str]) -> list[Rule]:
     except tomllib.TOMLDecodeError as exc:
         errors.append(f"{source}: invalid TOML: {exc}")
         return []
+    except RecursionError:  # tomllib recurses into each nested array or inline table
+        errors.append(f"{source}: invalid TOML: arrays or tables nested too deeply")
+        return []
+    except ValueError:  # int(): Python reads at most 4300 digits (TOML allows 64 bits)
+        errors.append(f"{source}: invalid TOML: an integer with thousands of digits")
+        return []
     for key in doc:
         if key != "rule":
             errors.append(f"{source}: unknown top-level key {key!r}{suggest(key, ['rule'])}")

@@ -219,7 +219,8 @@ def _check_headers(headers: object, bad: Callable[[str, str], None]) -> None:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A TOML integer: 64 bits (tomllib reads any size; Redis's Lua takes them as doubles)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
 def _is_header_value(value: object) -> bool:

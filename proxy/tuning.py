@@ -54,8 +54,8 @@ def parse_try(text: str) -> dict[str, Any]:
             raise ConfigError(f"--try {text!r}: cannot vary {key!r}; one of: {', '.join(TUNABLE)}")
         try:
             changes[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            changes[key] = value
+        except (ValueError, RecursionError):  # TOMLDecodeError, or past tomllib's limits
+            changes[key] = value  # a bare word; the rule's own check refuses a bad one
     if not changes:
         raise ConfigError("--try: expected KEY=VALUE, e.g. --try threshold=3")
     return changes

@@ -461,3 +461,15 @@ async def test_sighup_reloads_a_running_pollguard_serve(
         f'{rules_dir.path}/status.toml: rule "task-status": threshold: must be a positive integer, '
         "got 0"
     ]
+
+
+async def test_a_file_past_what_tomllib_reads_is_refused_like_any_invalid_one(
+    start: StartReloadable, rules_dir: RulesDir, http: aiohttp.ClientSession
+) -> None:
+    """tomllib's RecursionError escaped the reload: a 500, and no reload counted failed."""
+    pg = await start(rule_toml(threshold=2))
+    rules_dir.write(rule_toml(threshold=3) + "x = " + "[" * 5000 + "]" * 5000 + "\n")
+    error = f"{rules_dir.path}/status.toml: invalid TOML: arrays or tables nested too deeply"
+    assert await reload(http, pg) == (422, {"errors": [error]})
+    assert sample(pg, "pollguard_rules_reloads_total", result="error") == 1
+    assert sample(pg, "pollguard_rules_last_reload_successful") == 0

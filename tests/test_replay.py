@@ -234,6 +234,10 @@ def test_text_report_for_people(tmp_path: Path) -> None:
             ["LOG", "--try", "threshold=0"], "threshold: must be a positive integer, got 0"
         ),
         pytest.param(["LOG", "--try", "threshold"], "expected KEY=VALUE"),
+        pytest.param(  # past what tomllib reads: a bare word, which the rule refuses
+            ["LOG", "--try", "threshold=1" + "0" * 5000], "threshold: must be a positive integer"
+        ),
+        pytest.param(["LOG", "--try", "window=" + "[" * 5000], "window: must be a duration"),
         pytest.param(["BADGZ"], "BADGZ: cannot read: the gzip data ends early"),
         pytest.param(["LOG", "--max-keys", "0"], "--max-keys"),
         pytest.param([], "the following arguments are required: LOG"),

@@ -249,6 +249,24 @@ def test_invalid_toml_names_the_file_and_line() -> None:
     assert "line 1" in message
 
 
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("[" * 5000 + "]" * 5000, "arrays or tables nested too deeply"),  # RecursionError
+        ("1" + "0" * 5000, "an integer with thousands of digits"),  # int()'s 4300 digits
+    ],
+    ids=["deep", "long"],
+)
+def test_toml_past_what_tomllib_reads_is_an_error_not_a_crash(value: str, reason: str) -> None:
+    (message,) = errors_of(rule_toml() + f"x = {value}\n")
+    assert message == f"r.toml: invalid TOML: {reason}"
+
+
+def test_integers_are_toml_integers_of_64_bits() -> None:
+    (message,) = errors_of(rule_toml(threshold=2**63))
+    assert message.endswith(f"threshold: must be a positive integer, got {2**63}")
+
+
 def test_names_are_unique_across_files() -> None:
     with pytest.raises(RulesError) as info:
         parse_rules([("a.toml", rule_toml()), ("b.toml", rule_toml())])
