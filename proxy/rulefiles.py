@@ -27,7 +27,9 @@ def load_rules(path: str | Path) -> RuleSet:
     """
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.glob("*.toml") if not f.name.startswith(".") and f.is_file())
+        # Every *.toml, whatever it is: a dangling symlink or a folder skipped in silence
+        # would drop its rules, and their blocks, from a reload that answers 200.
+        files = sorted(f for f in p.glob("*.toml") if not f.name.startswith("."))
         if not files:
             raise RulesError([f"{p}: no *.toml rule files in this folder"])
     elif p.is_file():
@@ -40,6 +42,11 @@ def load_rules(path: str | Path) -> RuleSet:
         # A file that cannot be read is one more error, in its place among the others'
         # (check reports every error): the files after it are still parsed.
         for f in files:
+            if not f.is_file():  # a FIFO would block the read for ever
+                dangling = f.is_symlink() and not f.exists()
+                what = "a dangling symlink" if dangling else "not a regular file"
+                errors.append(f"{f}: cannot read: {what}")
+                continue
             try:
                 text = f.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:

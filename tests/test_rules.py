@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -355,6 +356,30 @@ def test_a_folder_skips_hidden_files(tmp_path: Path) -> None:
     (tmp_path / "status.toml").unlink()
     with pytest.raises(RulesError, match=r"no \*\.toml rule files"):
         load_rules(tmp_path)
+
+
+def test_a_rule_file_name_that_is_no_regular_file_is_an_error_not_skipped(
+    tmp_path: Path,
+) -> None:
+    """Skipped, a status.toml turned dangling symlink dropped its rule and every block of
+    it from a reload that answered 200."""
+    (tmp_path / "status.toml").write_text(rule_toml())
+    (tmp_path / "gone.toml").symlink_to(tmp_path / "nowhere.toml")
+    (tmp_path / "folder.toml").mkdir()
+    os.mkfifo(tmp_path / "pipe.toml")  # read, it would block for ever
+    with pytest.raises(RulesError) as info:
+        load_rules(tmp_path)
+    assert info.value.errors == [
+        f"{tmp_path}/folder.toml: cannot read: not a regular file",
+        f"{tmp_path}/gone.toml: cannot read: a dangling symlink",
+        f"{tmp_path}/pipe.toml: cannot read: not a regular file",
+    ]
+    for bad in ("gone.toml", "pipe.toml"):
+        (tmp_path / bad).unlink()
+    (tmp_path / "folder.toml").rmdir()
+    (tmp_path / "status.toml").rename(tmp_path / "real")
+    (tmp_path / "status.toml").symlink_to(tmp_path / "real")  # as a ConfigMap is mounted
+    assert load_rules(tmp_path).names == ("task-status",)
 
 
 def test_a_hidden_file_named_itself_is_read(tmp_path: Path) -> None:
