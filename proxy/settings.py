@@ -195,6 +195,11 @@ def parse_upstream(text: str) -> URL:
         raise ValueError(f"must be an http:// or https:// URL with a host, got {shown!r}")
     if url.query_string or url.fragment:
         raise ValueError(f"must not have a query or fragment, got {shown!r}")
+    if url.raw_user is not None or url.raw_password is not None:
+        # It went into Host and X-Forwarded-Host as it was (a backend that builds URLs
+        # from Host would show it to clients), and as Basic auth only on requests with a
+        # body. Each client's own Authorization goes upstream; pollguard adds none.
+        raise ValueError(f"must not carry a user or password, got {shown!r}")
     if not _is_host(url.host, url.raw_host or ""):
         raise ValueError(
             f"expected an IP address or a host name (letters, digits, hyphens, dots) "

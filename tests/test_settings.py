@@ -137,7 +137,8 @@ def test_upstreams_refused(text: str, message: str) -> None:
 @pytest.mark.parametrize(
     "text",
     ["http://u:s3cret@h:99999", "http://u:s3cret@[::1", "ftp://u:s3cret@h", "http://u:s3cret@",
-     "http://u:s3cret@h/?a=1", "http://u:s3cret@exa mple.com", "http://u:s3cret@h:0"],
+     "http://u:s3cret@h/?a=1", "http://u:s3cret@exa mple.com", "http://u:s3cret@h:0",
+     "http://u:s3cret@h:5000/api"],
 )  # fmt: skip
 def test_upstream_errors_never_quote_the_password(text: str) -> None:
     with pytest.raises(ValueError) as refused:
@@ -245,3 +246,11 @@ def test_admin_tokens_refused_without_quoting_them(text: str) -> None:
 
 def test_an_empty_admin_token_is_none() -> None:
     assert parse_admin_token("") is None
+
+
+@pytest.mark.parametrize("text", ["http://u:s3cret@h:5000", "http://u@h", "http://:s3cret@h"])
+def test_an_upstream_with_a_user_or_password_is_refused(text: str) -> None:
+    """It went upstream in Host and X-Forwarded-Host, to a backend that may echo Host."""
+    with pytest.raises(ValueError, match="must not carry a user or password") as refused:
+        parse_upstream(text)
+    assert "s3cret" not in str(refused.value)
