@@ -200,6 +200,16 @@ def _taken_port() -> tuple[socket.socket, int]:
             id="bad-token",
         ),
         pytest.param(
+            ["--upstream", "http://127.0.0.1:5000", "--state", "redis://127.0.0.1:9/0?bogus=1"],
+            {}, "--state: redis://127.0.0.1:9/0?bogus=1: unknown option 'bogus'",
+            id="redis-url-unknown-option",  # a traceback at the first request, before
+        ),
+        pytest.param(
+            ["--upstream", "http://127.0.0.1:5000", "--state", "redis://127.0.0.1:9/0?protocol=9"],
+            {}, "--state: redis://127.0.0.1:9/0?protocol=9: protocol must be either 2 or 3",
+            id="redis-url-bad-protocol",  # served, failing open for ever, before
+        ),
+        pytest.param(
             ["--upstream", "http://127.0.0.1:5000", "--max-keys", "0"], {},
             "--max-keys: expected an integer >= 1, got '0'", id="bad-max-keys",
         ),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -42,6 +43,7 @@ log = logging.getLogger("pollguard.state")
 T = TypeVar("T")
 
 CALL_TIMEOUT = 0.05  # the request path never waits on Redis longer than this
+_UNKNOWN_OPTION = re.compile(r"unexpected keyword argument ('[^']*')")
 ADMIN_TIMEOUT = 1.0  # listing blocks, gauges, dropping a rule: more data, nobody's poll waiting
 
 
@@ -77,7 +79,15 @@ class RedisLink:
                 decode_responses=True,
                 **_NO_MAINT,
             )
-        except (ValueError, TypeError) as exc:
+            # A query option redis-py does not know (?bogus=1), or a bad protocol, fails
+            # only when a connection is made: at the first request, as a traceback, in
+            # every --workers child restarted for ever. Made once here, it is exit 2.
+            self.pool.make_connection()  # type: ignore[no-untyped-call]
+        except TypeError as exc:
+            unknown = _UNKNOWN_OPTION.search(str(exc))
+            reason = f"unknown option {unknown.group(1)}" if unknown else str(exc)
+            raise ConfigError(f"--state: {self.where}: {reason}") from None
+        except (ValueError, RedisError) as exc:
             raise ConfigError(f"--state: {self.where}: {exc}") from None
         self.redis: Redis = Redis(connection_pool=self.pool)
         self.circuit = Circuit()
