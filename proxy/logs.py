@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from json.encoder import encode_basestring_ascii as _q  # the C encoder, ~20x json.dumps
@@ -107,7 +108,7 @@ class LineSink:
         the old file stays in use, and nothing is lost."""
         if self.path is None:
             return
-        new = open(self.path, "ab")  # noqa: SIM115 - kept open until the next reopen or close
+        new = _append(self.path)
         self.flush()
         old, self._stream = self._stream, new
         old.close()
@@ -137,9 +138,18 @@ def check_target(target: str, name: str = "--access-log") -> None:
 
 def _open(path: str, name: str) -> IO[bytes]:
     try:
-        return open(path, "ab")
+        return _append(path)
     except OSError as exc:
         raise ConfigError(f"{name}: cannot open {path}: {os_reason(exc)}") from None
+
+
+def _append(path: str) -> IO[bytes]:
+    """`path` opened to append, created if need be. Opened non-blocking, as a FIFO with no
+    reader would hold open() for ever (ENXIO instead: "No such device or address"), then
+    blocking again for the writes."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "ab")
 
 
 def access_logger(sink: LineSink | None) -> type[AbstractAccessLogger]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -243,14 +244,16 @@ def test_serve_refuses_mistakes_with_one_line_and_exit_2(
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("where", ["missing-folder", "a-folder", "under-a-file"])
+@pytest.mark.parametrize("where", ["missing-folder", "a-folder", "under-a-file", "a-fifo"])
 def test_serve_refuses_an_access_log_it_cannot_open(tmp_path: Path, where: str) -> None:
     # (Not a read-only file: CI runs as root, who may write one, and no test is skipped.)
     (tmp_path / "file").touch()
+    os.mkfifo(tmp_path / "fifo")  # nobody reads it: a blocking open() waited for ever
     path, reason = {
         "missing-folder": (tmp_path / "nonexistent" / "x.log", "No such file or directory"),
         "a-folder": (tmp_path, "Is a directory"),
         "under-a-file": (tmp_path / "file" / "x.log", "Not a directory"),
+        "a-fifo": (tmp_path / "fifo", "No such device or address"),
     }[where]
     done = run_cli(
         "serve", "--upstream", "http://127.0.0.1:5000", "--access-log", str(path),
