@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import signal
 import sys
@@ -116,6 +117,11 @@ def _option(args: argparse.Namespace, key: str, parse: Callable[[str], T]) -> T:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        # A rule file's or log's name may hold bytes no UTF-8 locale prints (undecodable
+        # bytes in a file name): shown escaped, not a UnicodeEncodeError mid-report.
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     command: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
     try:

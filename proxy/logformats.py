@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import calendar
 import datetime
+import errno
 import functools
 import io
 import itertools
+import os
 import re
 import sys
 import zlib
@@ -175,6 +177,8 @@ def _unescape(target: bytes) -> bytes:
 def open_log(name: str) -> BinaryIO:
     """A log file, or stdin for `-`; OSError if it cannot be opened. LogReader decompresses."""
     if name == "-":
+        if sys.stdin is None:  # started with stdin closed (<&-)
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         return sys.stdin.buffer
     return open(name, "rb")
 

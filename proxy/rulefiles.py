@@ -48,7 +48,7 @@ def load_rules(path: str | Path) -> RuleSet:
                 errors.append(f"{f}: cannot read: {what}")
                 continue
             try:
-                text = f.read_text(encoding="utf-8")
+                text = f.read_text(encoding="utf-8-sig")  # a BOM (Notepad's) is no TOML
             except (OSError, UnicodeDecodeError) as exc:
                 errors.append(f"{f}: cannot read: {exc}")
                 continue

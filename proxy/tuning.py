@@ -27,7 +27,7 @@ def vary(rules: RuleSet, text: str) -> RuleSet:
     texts = []
     for source in rules.sources:
         try:
-            doc = tomllib.loads(Path(source).read_text(encoding="utf-8"))
+            doc = tomllib.loads(Path(source).read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"--try {text!r}: cannot read {source} again: {exc}") from None
         for table in doc.get("rule", []):

@@ -452,3 +452,22 @@ async def test_sigusr1_reopens_the_access_log_after_logrotate_moved_it(
     moved = (tmp_path / "access.log.1").read_text(encoding="utf-8")
     assert "/test/status/before" in moved and "/test/status/after" not in moved
     assert "/test/status/after" in log.read_text(encoding="utf-8")
+
+
+def test_replay_of_stdin_when_stdin_is_closed_is_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "replay", "-"],
+        env=cli_env(), capture_output=True, text=True, timeout=30, cwd=REPO,
+        preexec_fn=lambda: os.close(0),  # started as `pollguard replay - <&-`
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == "pollguard replay: -: cannot open: Bad file descriptor\n"
+
+
+def test_check_prints_a_file_name_no_utf_8_locale_can_show(tmp_path: Path) -> None:
+    """Undecodable bytes in a name (Python's surrogate escapes) are printed escaped."""
+    name = os.fsdecode(b"st\xffatus.toml")
+    (tmp_path / name).write_text(rule_toml())
+    done = run_cli("check", "--rules", str(tmp_path), PYTHONIOENCODING="utf-8")
+    assert done.returncode == 0, done.stderr
+    assert f'{tmp_path}/st\\udcffatus.toml: rule "task-status": ok' in done.stdout

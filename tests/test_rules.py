@@ -382,6 +382,12 @@ def test_a_rule_file_name_that_is_no_regular_file_is_an_error_not_skipped(
     assert load_rules(tmp_path).names == ("task-status",)
 
 
+def test_a_file_starting_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Notepad's UTF-8 writes one; tomllib calls it an invalid statement."""
+    (tmp_path / "status.toml").write_bytes(b"\xef\xbb\xbf" + rule_toml().encode())
+    assert load_rules(tmp_path).names == ("task-status",)
+
+
 def test_a_hidden_file_named_itself_is_read(tmp_path: Path) -> None:
     (tmp_path / ".status.toml").write_text(rule_toml())
     assert load_rules(tmp_path / ".status.toml").names == ("task-status",)
