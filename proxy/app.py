@@ -142,7 +142,14 @@ class Pollguard:
             logger=server_logger(),
         )
         proxy_runner = web.ServerRunner(server, shutdown_timeout=self.settings.drain_timeout)
-        admin_runner = web.AppRunner(create_admin_app(self), access_log=None, shutdown_timeout=1.0)
+        admin_runner = web.AppRunner(
+            create_admin_app(self),
+            access_log=None,
+            shutdown_timeout=1.0,
+            # As on the proxy port, not aiohttp's hour: an idle connection, or one whose
+            # request head is not complete, is closed then; a running handler is not cut.
+            keepalive_timeout=self.settings.client_timeout,
+        )
         settings = self.settings
         self.proxy_address = await self._bind(
             proxy_runner, settings.listen, settings.name("listen")

@@ -161,12 +161,12 @@ class Forwarder:
         return self._session
 
     async def forward(self, request: web.BaseRequest) -> Forwarded:
+        if request.method == "CONNECT":  # a reverse proxy opens no tunnels, whatever the target
+            refused = error_response(405, "CONNECT not allowed", close=True, allow=NOT_CONNECT)
+            return Forwarded(refused, None, None)
         raw = request.raw_path
         if raw.startswith("/"):
             target = self._prefix + raw
-        elif request.method == "CONNECT":  # a reverse proxy opens no tunnels
-            refused = error_response(405, "CONNECT not allowed", close=True, allow=NOT_CONNECT)
-            return Forwarded(refused, None, None)
         elif raw == "*" and request.method == "OPTIONS":
             target = "*"  # asterisk-form (RFC 9112 3.2.4): the server as a whole, no path
         else:  # absolute-form: a client taking us for its proxy

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import ceil_timeout
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
@@ -44,10 +44,14 @@ from proxy.wire import EMPTY_HEADERS
 
 _NOT_HTTP1 = "only HTTP/1.0 and HTTP/1.1 are served"
 _FRAGMENT = "a '#' in the request target"  # RFC 9112 3.2: no fragment; HAProxy answers 400
+_FRAMING_10 = "Transfer-Encoding in an HTTP/1.0 request"  # RFC 9112 6.1; nginx answers 400
 _BAD_HOST = "invalid Host field"
 # What a Host field may hold: RFC 3986's host (a name, IPv4 or [IP-literal]) and port,
-# possibly empty (RFC 9112 3.2). A space, `/` or `@` in it is a 400, as in nginx.
-_HOST = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=%:\[\]-]*")
+# possibly empty (RFC 9112 3.2). A space, `/` or `@` in it is a 400, as in nginx; so is a
+# bracket that is not around an IP literal, or a port that is not one (checked in _is_host).
+_HOST = re.compile(
+    r"(?:\[[A-Za-z0-9._~!$&'()*+,;=%:-]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]{0,5}))?"
+)
 
 
 class ProxyConnection(RequestHandler):
@@ -85,13 +89,18 @@ class ProxyConnection(RequestHandler):
         `/test/status/lost-1#x` pass as another key than the blocked `lost-1`.
         """
         version = message.version
-        if version is not HttpVersion11 and version is not HttpVersion10:
-            return _NOT_HTTP1
+        if version is not HttpVersion11:
+            if version is not HttpVersion10:
+                return _NOT_HTTP1
+            if hdrs.TRANSFER_ENCODING in message.headers:
+                # HTTP/1.0 has no chunking: whoever passed this on may have framed the body
+                # otherwise, so where it ends is in doubt (and the 400 closes).
+                return _FRAMING_10
         if "#" in message.path:
             return _FRAGMENT
         host = message.headers.get("Host")
         if host is not None and host != self.valid_host:
-            if _HOST.fullmatch(host) is None:
+            if not _is_host(host):
                 return _BAD_HOST
             self.valid_host = host
         return None
@@ -270,6 +279,14 @@ class ProxyConnection(RequestHandler):
                     raise
         if not payload.is_eof() and not self._force_close:
             self.close()  # the rest of the body is still unread: no next request here
+
+
+def _is_host(host: str) -> bool:
+    match = _HOST.fullmatch(host)
+    if match is None:
+        return False
+    port = match[1]
+    return not port or 0 < int(port) < 65536  # an empty port is RFC 3986's too
 
 
 def _raising(exc: Exception) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:

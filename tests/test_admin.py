@@ -16,8 +16,10 @@ from yarl import URL
 
 from proxy.admin import LIST_SLICE
 from proxy.settings import Address
+from proxy.state import Block
 from proxy.state.memory import MemoryState
 from tests.conftest import Running, StartPollguard
+from tests.rawhttp import Conn
 from tests.support import Upstream, rule_toml, ruleset, skip_unless_ci
 
 TOKEN = "s3cret-token"
@@ -362,3 +364,71 @@ async def test_a_peer_elsewhere_on_127_0_0_0_8_is_not_the_hosts_own_client(
         async with aiohttp.ClientSession(connector=connector) as http:
             status, _, _ = await call(http, "GET", admin_url(pg, "/admin/blocks"))
         assert status == expected, source
+
+
+async def admin_conn(pg: Running) -> Conn:
+    assert pg.pg.admin_address is not None
+    return Conn(*await asyncio.open_connection("127.0.0.1", pg.pg.admin_address.port))
+
+
+async def test_the_admin_port_closes_idle_and_slow_header_connections_after_client_timeout(
+    start_pollguard: StartPollguard, http: aiohttp.ClientSession
+) -> None:
+    """As the proxy port does: an idle connection stayed open 200 s, one header line a
+    second kept a request open 131 s."""
+    pg = await start_pollguard(client_timeout=0.5)
+    opened: list[Conn] = []
+    try:
+        opened.append(idle := await admin_conn(pg))
+        started = time.monotonic()
+        assert await idle.closed_within(2.0) == b""
+        assert time.monotonic() - started < 1.5
+
+        opened.append(used := await admin_conn(pg))
+        await used.send(b"GET /healthz HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert (await used.response()).status == 200
+        started = time.monotonic()
+        assert await used.closed_within(2.0) == b""
+        assert time.monotonic() - started < 1.5
+
+        opened.append(slow := await admin_conn(pg))
+
+        async def trickle() -> None:
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: h\r\nX-Slow: " + b"a" * 1000:
+                slow.writer.write(bytes([byte]))
+                await asyncio.sleep(0.05)
+
+        started = time.monotonic()
+        trickling = asyncio.create_task(trickle())
+        try:
+            assert await slow.closed_within(2.0) == b""
+            assert time.monotonic() - started < 1.5
+        finally:
+            trickling.cancel()
+    finally:
+        for conn in opened:
+            conn.writer.close()
+    assert (await call(http, "GET", pg.admin("/healthz")))[0] == 200
+
+
+class SlowListing(MemoryState):
+    async def blocks(self, rule: str | None = None) -> list[Block]:
+        await asyncio.sleep(1.0)
+        return await super().blocks(rule)
+
+
+async def test_an_admin_request_longer_than_client_timeout_is_answered(
+    start_pollguard: StartPollguard,
+) -> None:
+    """The admin port's timeouts are for clients, not for its handlers (listing 100,000
+    blocks takes seconds)."""
+    pg = await start_pollguard(client_timeout=0.3, state=SlowListing())
+    conn = await admin_conn(pg)
+    try:
+        await conn.send(b"GET /admin/blocks HTTP/1.1\r\nHost: h\r\n\r\n")
+        resp = await conn.response()
+        assert (resp.status, json.loads(resp.body)) == (200, {"blocks": []})
+        await conn.send(b"GET /healthz HTTP/1.1\r\nHost: h\r\n\r\n")  # and it goes on
+        assert (await conn.response()).status == 200
+    finally:
+        conn.writer.close()

@@ -323,6 +323,16 @@ async def test_raw_path_and_query_are_forwarded_byte_for_byte(
         ("GET /echo HTTP/1.1", "user@a"),
         ("GET /echo HTTP/1.1", "a\tb"),
         ("GET /echo HTTP/1.0", "caf\u00e9.example"),
+        ("GET /echo HTTP/1.1", "x:99999"),  # no such port
+        ("GET /echo HTTP/1.1", "x:65536"),
+        ("GET /echo HTTP/1.1", "x:0"),
+        ("GET /echo HTTP/1.1", "x:ab"),
+        ("GET /echo HTTP/1.1", "x:80:80"),
+        ("GET /echo HTTP/1.1", "[::1"),  # an unbalanced bracket
+        ("GET /echo HTTP/1.1", "::1]"),
+        ("GET /echo HTTP/1.1", "a[::1]"),
+        ("GET /echo HTTP/1.1", "[::1]x"),
+        ("GET /echo HTTP/1.1", "[::1]:99999"),
     ],
 )
 async def test_a_fragment_or_an_invalid_host_is_a_400_the_upstream_never_sees(
@@ -341,7 +351,8 @@ async def test_hosts_of_every_valid_form_are_forwarded(
 ) -> None:
     pg = await start_pollguard()
     for host in ("", "api.example.com:8443", "[::1]:8080", "10.0.0.1", "my_svc.internal",
-                 "xn--caf-dma.example", "a%41b"):  # fmt: skip
+                 "xn--caf-dma.example", "a%41b", "[::1]", "h:1", "h:65535",
+                 "h:"):  # fmt: skip  # RFC 3986 3.2.3: a port may be empty
         seen = await echo(connect, pg, f"GET /echo HTTP/1.1\r\nHost: {host}\r\n\r\n")
         assert header_values(seen, "Host") == [host]
     conn = await connect(pg)  # the Host found valid is remembered: the next one still checked
@@ -1053,3 +1064,48 @@ async def test_an_upstream_stalling_mid_body_is_cut_after_upstream_timeout(
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
     assert time.monotonic() - started < 2.0
+
+
+# --- 10. refused whatever their form ------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["/c1", "/test/status/t1", "*"])
+async def test_connect_is_refused_whatever_the_target_form_and_counted(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession, target: str,
+) -> None:  # fmt: skip
+    """`CONNECT /c1` (origin form) went to the upstream, which answered it 200."""
+    pg = await start_pollguard()
+    conn = await connect(pg)
+    await conn.send(f"CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    resp = await conn.response()
+    assert (resp.status, resp.get("X-Pollguard")) == (405, "error")
+    assert "GET" in (resp.get("Allow") or "")
+    assert await conn.closed_within(2.0) == b""
+    assert upstream.requests == []
+    async with http.get(pg.admin("/metrics")) as scraped:
+        text = await scraped.text()
+    assert metric(text, 'pollguard_refused_requests_total{status="405"}') == 1
+    await assert_serves(http, pg)
+
+
+@pytest.mark.parametrize("coding", ["chunked", "gzip, chunked"])
+async def test_transfer_encoding_in_an_http10_request_is_a_400_and_the_connection_closes(
+    start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
+    http: aiohttp.ClientSession, coding: str,
+) -> None:  # fmt: skip
+    """RFC 9112 6.1: an HTTP/1.0 request's Transfer-Encoding is faulty framing (nginx: 400).
+    It was de-chunked and sent on as an HTTP/1.1 chunked request."""
+    pg = await start_pollguard()
+    conn = await connect(pg)
+    await conn.send(
+        b"POST /upload/watched HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n"
+        b"Transfer-Encoding: %s\r\n\r\n5\r\nhello\r\n0\r\n\r\n" % coding.encode()
+    )
+    assert (await conn.response()).status == 400
+    assert await conn.closed_within(2.0) == b""
+    assert upstream.arrived == [] and upstream.requests == []
+    async with http.get(pg.admin("/metrics")) as scraped:
+        text = await scraped.text()
+    assert metric(text, 'pollguard_refused_requests_total{status="400"}') == 1
+    await assert_serves(http, pg)
