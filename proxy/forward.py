@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator, Iterable
 from time import perf_counter_ns
 from typing import NamedTuple
@@ -111,7 +112,7 @@ class Forwarder:
         self._authority = upstream.raw_authority
         self._prefix = upstream.raw_path.rstrip("/")
         self._client_timeout = client_timeout
-        self._max_body = max_body_size
+        self._max_body = max_body_size or math.inf  # 0: no limit, as nginx reads it
         # sock_read bounds the wait for the response headers and every gap in the body,
         # like nginx's proxy_read_timeout; there is no total, so long downloads finish.
         self._timeout = aiohttp.ClientTimeout(

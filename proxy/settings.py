@@ -77,7 +77,11 @@ SERVE_OPTIONS: dict[str, tuple[str, str | None, str]] = {
         "15s",
         "longest a client may take to send headers, between body reads, or idle on keep-alive",
     ),
-    "max_body_size": ("POLLGUARD_MAX_BODY_SIZE", "100m", "largest request body (413 above)"),
+    "max_body_size": (
+        "POLLGUARD_MAX_BODY_SIZE",
+        "100m",
+        "largest request body (413 above; 0: no limit)",
+    ),
     "drain_timeout": (
         "POLLGUARD_DRAIN_TIMEOUT",
         "30s",

@@ -711,6 +711,19 @@ async def test_a_chunked_body_over_max_body_size_is_cut_off_with_413(
     await assert_serves(http, pg)
 
 
+async def test_a_max_body_size_of_0_is_no_limit_as_in_nginx(
+    start_pollguard: StartPollguard, connect: Connect
+) -> None:
+    """It was a limit of 0 bytes: every request with a body got 413."""
+    pg = await start_pollguard(max_body_size=0)
+    body = b"x" * 200_000
+    ok = await exchange(
+        connect, pg, b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 200000\r\n\r\n" + body
+    )
+    assert ok.status == 200
+    assert json.loads(ok.body)["body_length"] == len(body)
+
+
 GET = b"GET /watched HTTP/1.1\r\n"
 POST = b"POST /watched HTTP/1.1\r\nHost: h\r\n"
 MALFORMED = [
