@@ -211,6 +211,12 @@ def _taken_port() -> tuple[socket.socket, int]:
             id="redis-url-bad-protocol",  # served, failing open for ever, before
         ),
         pytest.param(
+            ["--upstream", "http://localhost:8080"], {"POLLGUARD_LISTEN": "0.0.0.0:8080"},
+            "--upstream: http://localhost:8080 is pollguard's own POLLGUARD_LISTEN (0.0.0.0:8080):"
+            " every request would come back to it",
+            id="upstream-is-the-listen-address",
+        ),
+        pytest.param(
             ["--upstream", "http://127.0.0.1:5000", "--max-keys", "0"], {},
             "--max-keys: expected an integer >= 1, got '0'", id="bad-max-keys",
         ),

@@ -254,3 +254,25 @@ def test_an_upstream_with_a_user_or_password_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match="must not carry a user or password") as refused:
         parse_upstream(text)
     assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("upstream", "listen", "loop"),
+    [
+        ("http://127.0.0.1:8080", "127.0.0.1:8080", True),
+        ("http://localhost:8080", ":8080", True),
+        ("http://[::1]:8080", "[::]:8080", True),
+        ("http://127.0.0.1", "0.0.0.0:80", True),  # the scheme's default port
+        ("http://127.0.0.1:8081", "127.0.0.1:8080", False),
+        ("http://backend:8080", "0.0.0.0:8080", False),  # another host, the same port
+    ],
+)
+def test_an_upstream_that_is_pollguards_own_listen_address_is_refused(
+    upstream: str, listen: str, loop: bool
+) -> None:
+    values = {"upstream": upstream, "listen": listen}
+    if loop:
+        with pytest.raises(ConfigError, match="every request would come back to it"):
+            build_settings(values)
+    else:
+        assert build_settings(values).listen.port == 8080
