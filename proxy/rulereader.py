@@ -119,7 +119,10 @@ class RuleReader:
                 "methods", f'must be a non-empty list of methods like ["GET"], got {methods!r}'
             )
             return frozenset()
-        return frozenset(m.upper() for m in methods)
+        found = frozenset(m.upper() for m in methods)
+        if "CONNECT" in found:  # else a blocked key would answer CONNECT with the rule's 410
+            self.fail("methods", "CONNECT is never forwarded: pollguard answers it 405")
+        return found
 
     def _statuses(self) -> frozenset[int]:
         statuses = self.raw.get("miss_statuses", [404])

@@ -263,6 +263,11 @@ def test_toml_past_what_tomllib_reads_is_an_error_not_a_crash(value: str, reason
     assert message == f"r.toml: invalid TOML: {reason}"
 
 
+def test_connect_is_no_method_a_rule_may_guard() -> None:
+    (message,) = errors_of(rule_toml(methods=["GET", "connect"]))
+    assert message.endswith("methods: CONNECT is never forwarded: pollguard answers it 405")
+
+
 def test_integers_are_toml_integers_of_64_bits() -> None:
     (message,) = errors_of(rule_toml(threshold=2**63))
     assert message.endswith(f"threshold: must be a positive integer, got {2**63}")
