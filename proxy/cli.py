@@ -35,6 +35,8 @@ EXIT_OK, EXIT_FOUND_ERRORS, EXIT_USAGE = 0, 1, 2
 # The demo's restart comes at 35% of the run and a lost task needs three polls (0.3 s
 # each here) to be stopped: below this the run ends first, and shows nothing.
 MIN_DEMO_SECONDS = 3.0
+MAX_DEMO_CLIENTS = 10_000
+DEMO_BACKEND = "127.0.0.1:5000"  # --backend-only's --listen
 
 T = TypeVar("T")
 
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only run the sample backend (for docker compose), until stopped",
     )
-    demo.add_argument("--listen", default="127.0.0.1:5000", help="with --backend-only: HOST:PORT")
+    demo.add_argument("--listen", help=f"with --backend-only: HOST:PORT (default {DEMO_BACKEND})")
     return parser
 
 
@@ -200,16 +202,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.backend_only:
         try:
-            address = parse_address(args.listen)
+            address = parse_address(args.listen or DEMO_BACKEND)
         except ValueError as exc:
             raise ConfigError(f"--listen: {exc}") from None
         run_backend(address, log=args.log)
         return EXIT_OK
+    if args.listen is not None:
+        raise ConfigError("--listen: only with --backend-only (the demo picks free ports)")
     if not MIN_DEMO_SECONDS <= args.seconds <= 3600:
         raise ConfigError(
             f"--seconds: must be from {MIN_DEMO_SECONDS:g} to 3600 (a shorter run ends before "
             f"a lost task could be stopped), got {args.seconds:g}"
         )
+    if args.clients > MAX_DEMO_CLIENTS:  # each is a task and its poller, on one event loop
+        raise ConfigError(f"--clients: must be at most {MAX_DEMO_CLIENTS}, got {args.clients}")
+    for flag, value in (("--rules", args.rules), ("--log", args.log)):
+        if value == "":  # not the current folder (--rules), nor ignored (--log)
+            raise ConfigError(f"{flag}: expected a path, got ''")
     try:
         run_demo(seconds=args.seconds, clients=args.clients, rules=args.rules, log=args.log)
     except KeyboardInterrupt:

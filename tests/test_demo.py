@@ -88,6 +88,10 @@ def test_demo_measures_both_sides_and_leaves_nothing_behind(tmp_path: Path) -> N
         pytest.param(["--rules", "nope"], "nope: no such file or folder"),
         pytest.param(["--rules", "OTHER"], "no rule in OTHER matches GET /test/status/<id>"),
         pytest.param(["--backend-only", "--listen", "nonsense"], "--listen: expected HOST:PORT"),
+        pytest.param(["--listen", "127.0.0.1:5000"], "--listen: only with --backend-only"),
+        pytest.param(["--clients", "9" * 20], "--clients: must be at most 10000"),  # a hang
+        pytest.param(["--rules", ""], "--rules: expected a path, got ''"),  # was ./ read
+        pytest.param(["--log", ""], "--log: expected a path, got ''"),  # was ignored
         pytest.param(
             ["--log", "/nonexistent/demo.log"], "--log: cannot write /nonexistent/demo.log"
         ),
