@@ -19,6 +19,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # RFC 9110 5.5: a field value is visible characters, spaces and tabs (no controls, no DEL)
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9110 8.3.1: type "/" subtype, then any parameters (charset=utf-8)
+_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*;.*)?")
 _RESERVED_NAMES = frozenset({"none"})
 # Headers that describe the message framing; aiohttp sets them from the body.
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "content-type", "connection"})
@@ -192,7 +194,7 @@ class RuleReader:
         if not _is_int(status) or not 200 <= status <= 599 or status in (204, 205, 304):
             bad("status", f"must be a status from 200 to 599 that carries a body, got {status!r}")
         content_type = raw.get("content_type", default.content_type)
-        if not _is_header_value(content_type) or not content_type:
+        if not _is_header_value(content_type) or not _MEDIA_TYPE.fullmatch(content_type):
             bad("content_type", f"must be a media type like application/json, got {content_type!r}")
         body = raw.get("body", default.body)
         if not isinstance(body, str):
@@ -218,7 +220,7 @@ def _check_headers(headers: object, bad: Callable[[str, str], None]) -> None:
         elif name.lower() == "x-pollguard":
             bad("headers", f"{name!r} is set by pollguard (X-Pollguard: blocked, on every answer)")
         elif not _is_header_value(value):
-            bad("headers", f"{name}: must be text without control characters, got {value!r}")
+            bad("headers", f"{name}: must be ASCII text without control characters, got {value!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -227,4 +229,5 @@ def _is_int(value: object) -> bool:
 
 
 def _is_header_value(value: object) -> bool:
-    return isinstance(value, str) and _CONTROL.search(value) is None
+    # ASCII: other text would go out as raw UTF-8, which RFC 9110 5.5 leaves to chance
+    return isinstance(value, str) and value.isascii() and _CONTROL.search(value) is None

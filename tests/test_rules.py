@@ -203,18 +203,28 @@ def test_body_fills_the_task_id_json_escaped() -> None:
         ),
         pytest.param(
             {"response": {"headers": {"X-A": "a\r\nb"}}},
-            f"{WHERE}: response.headers: X-A: must be text without control characters, got 'a\\r\\nb'",
+            f"{WHERE}: response.headers: X-A: must be ASCII text without control characters, got 'a\\r\\nb'",
             id="response-header-injection",
         ),
         pytest.param(
             {"response": {"headers": {"X-A": "a\x7fb\x01"}}},
-            f"{WHERE}: response.headers: X-A: must be text without control characters, got 'a\\x7fb\\x01'",
+            f"{WHERE}: response.headers: X-A: must be ASCII text without control characters, got 'a\\x7fb\\x01'",
             id="response-header-control",
         ),
         pytest.param(
             {"response": {"content_type": "text/plain\x0b"}},
             f"{WHERE}: response.content_type: must be a media type like application/json, got 'text/plain\\x0b'",
             id="response-content-type-control",
+        ),
+        pytest.param(
+            {"response": {"content_type": "not a media type"}},
+            f"{WHERE}: response.content_type: must be a media type like application/json, got 'not a media type'",
+            id="response-content-type-no-type",
+        ),
+        pytest.param(
+            {"response": {"headers": {"X-A": "tâche"}}},
+            f"{WHERE}: response.headers: X-A: must be ASCII text without control characters, got 'tâche'",
+            id="response-header-not-ascii",
         ),
         pytest.param(
             {"response": {"stauts": 410}},
