@@ -16,9 +16,10 @@ from proxy.forward import Forwarder
 from proxy.handler import ProxyHandler
 from proxy.logs import LineSink, access_logger, open_sink, server_logger
 from proxy.metrics import Metrics
+from proxy.request import ProxyRequest
 from proxy.rulefiles import load_rules
 from proxy.rules import RuleSet
-from proxy.serving import ProxyRequest, ProxyServer
+from proxy.serving import ProxyServer
 from proxy.settings import Address, Settings, redacted
 from proxy.state import Clock, StateStore
 from proxy.state.memory import MemoryState

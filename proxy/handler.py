@@ -12,8 +12,8 @@ from proxy.forward import Forwarder
 from proxy.guard import Action
 from proxy.matching import Matcher
 from proxy.metrics import NO_RULE, Metrics, RuleMetrics
+from proxy.request import ProxyRequest
 from proxy.rules import Rule, RuleSet
-from proxy.serving import ProxyRequest
 from proxy.state import StateStore
 
 log = logging.getLogger("pollguard")

@@ -23,7 +23,7 @@ from aiohttp.web import StreamResponse
 
 from proxy.blocked import BlockedAnswer
 from proxy.errors import ConfigError, os_reason
-from proxy.serving import ProxyRequest
+from proxy.request import ProxyRequest
 
 FLUSH_EVERY = 0.2  # seconds; lines are written in batches, not one syscall each
 

@@ -11,8 +11,7 @@ loop with the handler awaited in place, and its answer sent and logged by one co
 on an unread body, drain on shutdown, cancellation when the client hangs up, the answer
 to a handler that raises) is aiohttp's own. pyproject pins aiohttp below 3.15 for this.
 
-ProxyRequest is the port's request class: aiohttp's, with what every request reads kept
-in plain attributes, and the handler's decision for the access log.
+Its requests are request.py's ProxyRequest.
 """
 
 from __future__ import annotations
@@ -24,23 +23,20 @@ from time import perf_counter_ns
 from typing import Any
 
 from aiohttp import hdrs, web
-from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import ceil_timeout
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.http_writer import StreamWriter
-from aiohttp.streams import EmptyStreamReader, StreamReader
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import (
     _PAYLOAD_ACCESS_ERROR,
     ERROR,
     RequestHandler,
     _ErrInfo,
 )
-from multidict import CIMultiDictProxy
 
 from proxy.headers import RawHeaders
-from proxy.wire import EMPTY_HEADERS
 
 _NOT_HTTP1 = "only HTTP/1.0 and HTTP/1.1 are served"
 _FRAGMENT = "a '#' in the request target"  # RFC 9112 3.2: no fragment; HAProxy answers 400
@@ -314,74 +310,3 @@ class ProxyServer(web.Server):
         connection = ProxyConnection(self, loop=self._loop, **self._kwargs)
         connection.on_malformed = self.on_malformed
         return connection
-
-
-# What the proxy handler decided, for the access log:
-# (rule name, task id or None, outcome, upstream nanoseconds or None).
-Decision = tuple[str, str | None, str, int | None]
-
-
-class ProxyRequest(web.BaseRequest):
-    """The public port's requests: aiohttp's, with a place for the handler's decision and
-    what every request reads kept as plain attributes (below).
-
-    `decision` is a plain attribute: `request[key] = ...` and its read cost two
-    Python-level calls of aiohttp's MutableMapping on every request (~1k instructions).
-    """
-
-    decision: Decision | None = None  # None: an answer aiohttp gave on its own (a 400)
-
-    # aiohttp computes these on first read, through a Python getter each, and keeps them
-    # in a dict (its `reify`): ~1k instructions a property, and every request reads them.
-    # Here they are plain attributes, set once from the parsed message.
-    # (A class attribute each, or the base's read-only descriptor would take the write.)
-    method: str = ""
-    raw_path: str = ""
-    version: HttpVersion = HttpVersion11
-    headers: CIMultiDictProxy[str] = EMPTY_HEADERS
-    raw_headers: RawHeaders = ()
-    keep_alive: bool = False
-    body_exists: bool = False
-    remote: str | None = None  # the connection's (ProxyConnection.remote), or clone()'s
-    # the connection and the answer's writer, as aiohttp's properties give them
-    protocol: ProxyConnection = None  # type: ignore[assignment]  # set by __init__
-    writer: AbstractStreamWriter = None  # type: ignore[assignment]
-
-    def __init__(
-        self,
-        message: RawRequestMessage,
-        payload: StreamReader,
-        protocol: ProxyConnection,
-        payload_writer: AbstractStreamWriter,
-        task: asyncio.Task[None],
-        loop: asyncio.AbstractEventLoop,
-        *,
-        remote: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(message, payload, protocol, payload_writer, task, loop, **kwargs)
-        self.remote = protocol.remote if remote is None else remote
-        self.protocol = protocol
-        self.writer = payload_writer
-        self.method = message.method
-        self.raw_path = message.path
-        self.version = message.version
-        self.headers = message.headers
-        self.raw_headers = message.raw_headers
-        self.keep_alive = not message.should_close
-        self.body_exists = type(payload) is not EmptyStreamReader
-
-    @classmethod
-    def factory(cls, loop: asyncio.AbstractEventLoop) -> Callable[..., ProxyRequest]:
-        """web.Server's request_factory."""
-
-        def make(
-            message: RawRequestMessage,
-            payload: StreamReader,
-            protocol: ProxyConnection,
-            writer: AbstractStreamWriter,
-            task: asyncio.Task[None],
-        ) -> ProxyRequest:
-            return cls(message, payload, protocol, writer, task, loop)
-
-        return make

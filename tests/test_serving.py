@@ -12,8 +12,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from proxy.guard import Action
+from proxy.request import ProxyRequest
 from proxy.rules import Rule
-from proxy.serving import ProxyRequest, ProxyServer
+from proxy.serving import ProxyServer
 from proxy.state.memory import MemoryState
 from tests.conftest import Connect, StartPollguard
 from tests.support import Upstream, rule_toml, ruleset

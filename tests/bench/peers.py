@@ -87,7 +87,8 @@ def forwarder_only(port: int, upstream: str) -> None:
     from yarl import URL
 
     from proxy.forward import Forwarder
-    from proxy.serving import ProxyRequest, ProxyServer
+    from proxy.request import ProxyRequest
+    from proxy.serving import ProxyServer
 
     async def serve() -> None:
         forwarder = Forwarder(URL(upstream))
