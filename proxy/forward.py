@@ -10,7 +10,6 @@ answers.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import AsyncIterator, Iterable
 from time import perf_counter_ns
@@ -23,6 +22,14 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.headers import request_fields, request_headers, request_line
+from proxy.refusals import (
+    NOT_CONNECT,
+    ClientFault,
+    error_response,
+    fault_of,
+    refuse,
+    too_large_head,
+)
 from proxy.relay import Relay
 from proxy.serving import ProxyConnection
 from proxy.upstream import UpstreamPool
@@ -55,45 +62,10 @@ class _ProxyRequest(aiohttp.ClientRequest):
         self._skip_auto_headers = _NO_AUTO_HEADERS  # also keeps payloads from adding Content-Type
 
 
-# What a reverse proxy takes: every method but CONNECT goes to the upstream, which decides.
-NOT_CONNECT = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"
-
-
 # The most header-field bytes a request may send on. aiohttp bounds each line (8190
 # bytes) and their number (128), not their sum: a ~1 MB head would go to the upstream.
 # nginx takes 32 KB of large fields by default (large_client_header_buffers 4 8k).
 MAX_HEAD_FIELDS = 64 * 1024
-
-
-def _too_large_head() -> web.Response:
-    # RFC 6585 5; the connection closes, as after any refusal of a client at fault
-    return error_response(431, "request header fields too large", close=True)
-
-
-class _ClientFault(Exception):
-    """The client's body broke a limit while it was being forwarded."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def error_response(
-    status: int, message: str, *, close: bool = False, allow: str | None = None
-) -> web.Response:
-    """A small JSON answer of pollguard's own (502, 504, 413, 408, 405 with its `allow`)."""
-    headers = {"X-Pollguard": "error"}
-    if allow is not None:
-        headers["Allow"] = allow  # RFC 9110 15.5.6: a 405 lists what the resource allows
-    resp = web.Response(
-        status=status,
-        body=json.dumps({"error": message, "from": "pollguard"}).encode(),
-        content_type="application/json",
-        headers=headers,
-    )
-    if close:
-        resp.force_close()
-    return resp
 
 
 class Forwarder:
@@ -182,7 +154,7 @@ class Forwarder:
         url = URL.build(scheme=self._scheme, authority=self._authority, path=target, encoded=True)
         headers = request_headers(request, self._authority)
         if sum(len(name) + len(value) + 4 for name, value in headers.items()) > MAX_HEAD_FIELDS:
-            return Forwarded(_too_large_head(), None, None)
+            return Forwarded(too_large_head(), None, None)
         if websocket:
             return await self._websocket(request, url, headers)
 
@@ -211,14 +183,14 @@ class Forwarder:
                     up.content_length, up.content,
                 )  # fmt: skip
                 return Forwarded(answer, up.status, elapsed)
-        except _ClientFault as exc:
-            return Forwarded(await _refuse(request, exc), None, None)
+        except ClientFault as exc:
+            return Forwarded(await refuse(request, exc), None, None)
         except (TimeoutError, aiohttp.ServerTimeoutError):
             return Forwarded(error_response(504, "upstream timed out"), None, None)
         except (aiohttp.ClientError, ValueError) as exc:
-            fault = _fault_of(exc)
+            fault = fault_of(exc)
             if fault is not None:
-                return Forwarded(await _refuse(request, fault), None, None)
+                return Forwarded(await refuse(request, fault), None, None)
             return Forwarded(error_response(502, "upstream unreachable"), None, None)
 
     async def _exchange(
@@ -227,7 +199,7 @@ class Forwarder:
         """A request without a body, through the lean pool (upstream.py)."""
         fields = self._fields(request)
         if fields is None:
-            return Forwarded(_too_large_head(), None, None)
+            return Forwarded(too_large_head(), None, None)
         head = request_line(request.method, target) + fields
         started = perf_counter_ns()
         try:
@@ -283,12 +255,12 @@ class Forwarder:
                 async with asyncio.timeout(self._client_timeout):
                     chunk = await content.readany()
             except TimeoutError:
-                raise _ClientFault(408, "request body too slow") from None
+                raise ClientFault(408, "request body too slow") from None
             if not chunk:
                 return
             received += len(chunk)
             if received > self._max_body:
-                raise _ClientFault(413, "request body too large")
+                raise ClientFault(413, "request body too large")
             yield chunk
 
     async def _websocket(
@@ -340,18 +312,6 @@ class Forwarder:
         return Forwarded(down, 101, elapsed)
 
 
-async def _refuse(request: web.BaseRequest, fault: _ClientFault) -> web.StreamResponse:
-    """pollguard's answer to a body that broke a limit; the connection closes after it."""
-    resp = error_response(fault.status, str(fault), close=True)
-    if fault.status == 408:
-        # aiohttp would linger to drain the rest of the body, for seconds, from a client
-        # already too slow: send the answer now and hang up.
-        await resp.prepare(request)
-        await resp.write_eof()
-        request.protocol.force_close()
-    return resp
-
-
 def _expects_continue(request: web.BaseRequest) -> bool:
     expect = request.headers.get("Expect")
     return expect is not None and expect.lower() == "100-continue"
@@ -360,13 +320,3 @@ def _expects_continue(request: web.BaseRequest) -> bool:
 def _is_websocket(request: web.BaseRequest) -> bool:
     upgrade = request.headers.get("Upgrade")
     return upgrade is not None and upgrade.lower() == "websocket" and request.method == "GET"
-
-
-def _fault_of(exc: BaseException) -> _ClientFault | None:
-    """aiohttp wraps what our body generator raised; find it again."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, _ClientFault):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
