@@ -20,7 +20,7 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # RFC 9110 5.5: a field value is visible characters, spaces and tabs (no controls, no DEL)
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 9110 8.3.1: type "/" subtype, then any parameters (charset=utf-8)
-_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*;.*)?")
+_MEDIA_TYPE = re.compile(rf"{_TOKEN.pattern}/{_TOKEN.pattern}(\s*;.*)?")
 _RESERVED_NAMES = frozenset({"none"})
 # Headers that describe the message framing; aiohttp sets them from the body.
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "content-type", "connection"})
