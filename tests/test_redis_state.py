@@ -385,9 +385,9 @@ async def test_admin_calls_never_open_the_request_paths_circuit(
 async def test_many_blocks_are_listed_and_dropped_a_chunk_at_a_time(
     redis_server: RedisServer, make_state: MakeState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import proxy.state.redis as store
+    import proxy.state.redis_admin as admin
 
-    monkeypatch.setattr(store, "_LIST_CHUNK", 100)  # pages and chunks: 1,234 keys in 13 and 3
+    monkeypatch.setattr(admin, "LIST_CHUNK", 100)  # pages and chunks: 1,234 keys in 13 and 3
     rule = ruleset(rule_toml(threshold=1)).rules[0]
     state = make_state(redis_server.url(), timeout=2.0)
     await state.retain([rule])

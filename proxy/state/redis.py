@@ -1,44 +1,30 @@
 """Key state shared by replicas and workers through Redis; Lua scripts run proxy.guard atomically.
 
-Keys, all under one prefix and hash-tagged by rule (every script touches one rule only):
-
-    pollguard:{rule}:k:<task id>   hash m f l b p: guard.KeyState; expires with guard.expires()
-    pollguard:{rule}:a:<task id>   seen answered 2xx; expires `alive_ttl` after it was last
-                                   written, which a process does at most every alive_ttl / 2
-                                   (_alive_marked): alive_ttl / 2 to alive_ttl after the last 2xx.
-                                   Its value tags Rule.scope: flags have no index to drop
-                                   them by, and one set before the rule's path or miss
-                                   statuses changed is not trusted
-    pollguard:{rule}:counting      zset task id -> when its count lapses    (the gauges' index:
-    pollguard:{rule}:blocked       zset task id -> blocked_until             trimmed, never scanned)
-
 Every call goes through link.RedisLink: deadlines, and a circuit breaker that fails the
-request path open. The admin port's calls go in chunks, so that listing 100,000 blocks
-leaves room for polls in between. Blocked keys are cached here for about a second, so
-repeat polls of a blocked key are answered without Redis; after an outage, every local
-view is dropped.
+request path open. Blocked keys are cached here for about a second, so repeat polls of a
+blocked key are answered without Redis; after an outage, every local view is dropped.
+What is kept in Redis, and under which names: redis_keys.py. The admin port's calls over
+many keys, in chunks that leave room for polls in between: redis_admin.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import logging
 import math
 import time
-import zlib
 from collections.abc import Collection
-from importlib import resources
-from typing import Any
 
 from cachetools import TTLCache
 
 from proxy.errors import StateError
-from proxy.guard import Action, KeyState, Outcome
+from proxy.guard import Action, Outcome
 from proxy.rules import Rule
 from proxy.state import Block, Clock, Stats, held, stored
 from proxy.state.link import ADMIN_TIMEOUT, CALL_TIMEOUT, RedisLink
+from proxy.state.redis_admin import AdminReads
+from proxy.state.redis_keys import Keyspace, key_state, scope_tag, script
 
 log = logging.getLogger("pollguard.state")
 
@@ -54,12 +40,6 @@ _ACTIONS = {"forward": Action.FORWARD, "block": Action.BLOCK, "probe": Action.PR
 # all. A context variable: a connection's requests run in turn in its own task.
 _WAITED: contextvars.ContextVar[float] = contextvars.ContextVar("waited", default=0.0)
 RECORD_LEAST = 0.005
-_CHUNK = 500  # keys a round trip when the admin port reads or drops many
-_LIST_CHUNK = 1_000  # index members a round trip (5,000: polls stalled 36 ms on a page)
-
-
-def _script(name: str) -> str:
-    return resources.files("proxy.state").joinpath(name).read_text(encoding="utf-8")
 
 
 class RedisState:
@@ -79,7 +59,8 @@ class RedisState:
         warm_connections: int = 8,
     ) -> None:
         self._clock = clock
-        self._prefix = prefix
+        self._keyspace = Keyspace(prefix)
+        self._keys = self._keyspace.keys
         self._alive_ms = str(max(1, round(alive_ttl * 1000)))
         self._link = RedisLink(
             url, timeout=timeout, max_connections=max_connections, on_recovered=self._forget
@@ -89,11 +70,10 @@ class RedisState:
         self._redis = self._link.redis
         self._circuit = self._link.circuit
         self._call = self._link.call
-        self._admin_call = self._link.admin_call
-        self._admit = self._redis.register_script(_script("admit.lua"))
-        self._record = self._redis.register_script(_script("record.lua"))
-        self._unblock = self._redis.register_script(_script("unblock.lua"))
-        self._blocks = self._redis.register_script(_script("blocks.lua"))
+        self._admin = AdminReads(self._link, self._keyspace)
+        self._admit = script(self._redis, "admit.lua")
+        self._record = script(self._redis, "record.lua")
+        self._unblock = script(self._redis, "unblock.lua")
         self._blocked: TTLCache[Key, Cached] = TTLCache(
             maxsize=cache_size, ttl=cache_ttl, timer=clock
         )
@@ -119,13 +99,6 @@ class RedisState:
         self._refreshing: dict[Key, asyncio.Task[None]] = {}
         self._rules: dict[str, Rule] = {}  # rules this process knows, in order, by name
         self._warm = min(warm_connections, max_connections)
-
-    def _keys(self, rule: str, task_id: str) -> list[str]:
-        tag = f"{self._prefix}{{{rule}}}"
-        return [f"{tag}:k:{task_id}", f"{tag}:a:{task_id}", f"{tag}:counting", f"{tag}:blocked"]
-
-    def _index(self, rule: str, which: str) -> str:
-        return f"{self._prefix}{{{rule}}}:{which}"
 
     def _forget(self) -> None:
         """After an outage: Redis may have come back empty (a restart), and the flags and
@@ -155,7 +128,7 @@ class RedisState:
             # a probe is due (Redis decides which replica takes it) or the block ended
         self._remember(rule)
         probe_every = math.inf if rule.probe_every is None else rule.probe_every
-        args: list[str | float] = [now, probe_every, _scope_tag(rule.scope)]
+        args: list[str | float] = [now, probe_every, scope_tag(rule.scope)]
         started = time.monotonic()
         try:
             reply: list[str] = await self._call(
@@ -179,7 +152,7 @@ class RedisState:
         task.add_done_callback(lambda _: self._refreshing.pop(key, None))
 
     async def _reread(self, key: Key, cached: Cached) -> None:
-        state_key = self._keys(*key)[0]
+        state_key = self._keyspace.state(*key)
         try:
             until, probe = await self._call(lambda: self._redis.hmget(state_key, "b", "p"))
         except StateError:
@@ -211,7 +184,7 @@ class RedisState:
         args: list[str | float] = [
             now, kind, task_id, rule.window, rule.threshold, rule.threshold_after_2xx,
             rule.grace, rule.block_for, math.inf if rule.probe_every is None else rule.probe_every,
-            self._alive_ms, _scope_tag(rule.scope),
+            self._alive_ms, scope_tag(rule.scope),
         ]  # fmt: skip
         self._clean.pop(key, None)
         left = max(self._timeout - _WAITED.get(), RECORD_LEAST)
@@ -220,7 +193,7 @@ class RedisState:
         )
         if kind == "ok":
             self._alive_marked[key] = True
-        state = _key_state(reply[4:]) if len(reply) > 4 else None
+        state = key_state(reply[4:]) if len(reply) > 4 else None
         if state is not None and state.blocked_until:
             self._blocked[key] = (state.blocked_until, state.next_probe, now)
         else:
@@ -236,77 +209,20 @@ class RedisState:
         )
 
     async def blocks(self, rule: str | None = None) -> list[Block]:
-        """A chunk of ids, then a chunk of their states (blocks.lua), a round trip each:
-        one pipeline of 100,000 HMGETs held the event loop for a second (and every poll
-        with it), most of it redis-py parsing replies."""
         names = [rule] if rule is not None else list(self._rules)
-        now = self._clock()
-        found = []
-        for name in names:
-            ids = await self._listed(self._index(name, "blocked"), f"({now!r}")
-            for start in range(0, len(ids), _CHUNK):
-                part = ids[start : start + _CHUNK]
-                keys = [self._keys(name, task_id)[0] for task_id in part]
-
-                async def read(keys: list[str] = keys) -> str:
-                    reply: str = await self._blocks(keys=keys)
-                    return reply
-
-                reply = await self._admin_call(read)
-                for task_id, line in zip(part, reply.split("\n"), strict=True):
-                    misses, until = line.split(" ")
-                    if "-" not in (misses, until) and now < float(until):
-                        found.append(Block(name, task_id, int(misses), float(until)))
-        return found
-
-    async def _listed(self, index: str, low: str = "-inf") -> list[str]:
-        """The members of an index scored above `low`, read _LIST_CHUNK at a time."""
-        ids: list[str] = []
-        seen: set[str] = set()  # paged by offset: a member added meanwhile shifts the rest
-        offset = 0
-        while True:
-
-            async def page(offset: int = offset) -> list[str]:
-                found = await self._redis.zrangebyscore(
-                    index, low, "+inf", start=offset, num=_LIST_CHUNK
-                )
-                return [str(task_id) for task_id in found]
-
-            part = await self._admin_call(page)
-            ids += [task_id for task_id in part if task_id not in seen]
-            seen.update(part)
-            offset += len(part)
-            if len(part) < _LIST_CHUNK:
-                return ids
+        return await self._admin.blocks(names, self._clock())
 
     async def unblock(self, rule: str, task_id: str) -> bool:
         self._blocked.pop((rule, task_id), None)
         keys = self._keys(rule, task_id)
         now = self._clock()
-        done: int = await self._admin_call(
+        done: int = await self._link.admin_call(
             lambda: self._unblock(keys=[keys[0], keys[3]], args=[now, task_id])
         )
         return done == 1
 
     async def stats(self) -> Stats:
-        names = list(self._rules)
-        now = self._clock()
-
-        async def read() -> list[int]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for name in names:
-                    for which in ("counting", "blocked"):
-                        pipe.zremrangebyscore(self._index(name, which), "-inf", now)
-                        pipe.zcard(self._index(name, which))
-                replies: list[int] = await pipe.execute()
-            return replies[1::2]
-
-        cards = await self._admin_call(read)
-        counting, blocked = cards[0::2], cards[1::2]
-        return Stats(
-            tracked=sum(counting) + sum(blocked),
-            blocked={name: n for name, n in zip(names, blocked, strict=True) if n},
-        )
+        return await self._admin.stats(list(self._rules), self._clock())
 
     async def retain(self, rules: Collection[Rule]) -> None:
         if self._warm:
@@ -324,7 +240,7 @@ class RedisState:
             for key in [k for k in cache if k[0] in gone]:
                 cache.pop(key, None)
         # StateError if Redis fails here: not fatal, every key of those rules expires by itself
-        await self._drop(gone)
+        await self._admin.drop(gone)
 
     async def _open_connections(self) -> None:
         """Before the first request (Pollguard.start calls retain): connecting and loading
@@ -335,8 +251,8 @@ class RedisState:
             opened = [await self._pool.get_connection() for _ in range(count)]  # type: ignore[no-untyped-call]
             for conn in opened:
                 await self._pool.release(conn)
-            for script in (self._admit, self._record, self._unblock, self._blocks):
-                await self._redis.script_load(script.script)
+            for lua in (self._admit, self._record, self._unblock, self._admin.script):
+                await self._redis.script_load(lua.script)
 
         try:
             await self._call(connect, ADMIN_TIMEOUT)
@@ -346,22 +262,6 @@ class RedisState:
                 extra={"event": "state_error", "error": str(exc)},
             )
 
-    async def _drop(self, rules: list[str]) -> None:
-        """Delete removed rules' keys, found through their indexes (never a keyspace scan),
-        a chunk a round trip, so that 100,000 keys do not hold the event loop."""
-        for rule in rules:
-            indexes = [self._index(rule, "counting"), self._index(rule, "blocked")]
-            ids: set[str] = set()
-            for index in indexes:
-                ids.update(await self._listed(index))
-            keys = [self._keys(rule, task_id)[0] for task_id in ids]
-            for part in [keys[i : i + _CHUNK] for i in range(0, len(keys), _CHUNK)] + [indexes]:
-
-                async def unlink(part: list[str] = part) -> None:
-                    await self._redis.unlink(*part)
-
-                await self._admin_call(unlink)
-
     async def ping(self) -> None:
         await self._link.ping()
 
@@ -370,14 +270,3 @@ class RedisState:
             task.cancel()
         await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
         await self._link.close()
-
-
-@functools.lru_cache(maxsize=256)
-def _scope_tag(scope: str) -> str:
-    """A short stand-in for Rule.scope in seen-alive flags (a flag per live task id)."""
-    return f"{zlib.crc32(scope.encode()):08x}"
-
-
-def _key_state(fields: list[Any]) -> KeyState:
-    misses, first, last, until, probe = fields
-    return KeyState(int(misses), float(first), float(last), float(until), float(probe))
