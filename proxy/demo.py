@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import statistics
 import sys
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import IO, TextIO
@@ -26,38 +24,16 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from proxy.demo_report import POLL_EVERY, SPEEDUP, Side, intro, report
 from proxy.errors import ConfigError, RulesError
 from proxy.matching import Matcher
 from proxy.rulefiles import load_rules, parse_rules
-from proxy.rules import Rule, RuleSet
+from proxy.rules import RuleSet
 from proxy.sample_backend import SampleBackend
 from proxy.settings import Address, Settings
-from proxy.units import format_duration
 
-SPEEDUP = 10.0  # the demo's second is ten of the app's
-POLL_EVERY = 3.0  # app seconds between polls, as in the seed's app
 DEMO_ROUTE = ("GET", "/test/status/demo")
 LOOPBACK = "127.0.0.1"
-
-
-@dataclass
-class Clients:
-    """What one side's simulated clients saw."""
-
-    completed: int = 0
-    lost: int = 0  # saw their task answered 404 (a restart lost it)
-    # per client that stopped on a terminal answer: (app seconds, polls) since its first 404
-    stopped: list[tuple[float, int]] = field(default_factory=list)
-    terminal_from_pollguard: int = 0
-
-
-@dataclass
-class Side:
-    name: str
-    backend: SampleBackend
-    backend_url: str = ""
-    base: str = ""  # where its clients send requests: the backend, or pollguard before it
-    clients: Clients = field(default_factory=Clients)
 
 
 def builtin_rules() -> RuleSet:
@@ -139,7 +115,9 @@ async def _demo(
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         )
 
-        _intro(out, seconds, n_clients, rules, plain, guarded, metrics_url, restart_at)
+        hit = Matcher(rules.rules).match(*DEMO_ROUTE)
+        rule = hit[0] if hit is not None else rules.rules[0]
+        intro(out, seconds, n_clients, rules.sources, rule, plain, guarded, metrics_url)
         rng = random.Random(2026)
         arrivals = sorted(rng.uniform(0, 0.6 * seconds) for _ in range(n_clients))
         deadline = t0 + seconds
@@ -161,7 +139,7 @@ async def _demo(
             await asyncio.gather(*tasks, return_exceptions=True)
         async with session.get(metrics_url) as resp:
             metrics = await resp.text()
-    _report(out, plain, guarded, metrics)
+    report(out, plain, guarded, metrics)
 
 
 async def _serve(stack: AsyncExitStack, app: web.Application) -> str:
@@ -221,116 +199,3 @@ def _json(body: bytes) -> dict[str, object]:
     except ValueError:
         return {}
     return answer if isinstance(answer, dict) else {}
-
-
-def _intro(
-    out: TextIO,
-    seconds: float,
-    n_clients: int,
-    rules: RuleSet,
-    plain: Side,
-    guarded: Side,
-    metrics_url: str,
-    restart_at: float,
-) -> None:
-    hit = Matcher(rules.rules).match(*DEMO_ROUTE)
-    rule = hit[0] if hit is not None else rules.rules[0]
-    print(
-        f"pollguard demo: {n_clients} app clients on each side start a task and poll its status "
-        f"every {POLL_EVERY:.0f} s\n"
-        f"(all times in the app's seconds; the demo runs {SPEEDUP:.0f}x faster: "
-        f"{seconds:g} s here are {seconds * SPEEDUP:.0f} s of the app).\n"
-        f"  without pollguard: clients -> sample backend {plain.base}\n"
-        f"  with pollguard:    clients -> pollguard {guarded.base} -> sample backend "
-        f"{guarded.backend_url}\n"
-        f"  pollguard's metrics while it runs: {metrics_url}\n"
-        f"  rules: {', '.join(rules.sources)}\n    ({_describe(rule)})\n",
-        file=out,
-        flush=True,
-    )
-
-
-def _describe(rule: Rule) -> str:
-    observe = rule.mode == "observe"
-    verb = "would stop" if observe else "stops"
-    says = f"{rule.name}: {verb} a task after {rule.threshold_after_2xx} misses in a row"
-    if rule.threshold_after_2xx != rule.threshold or rule.grace:
-        grace = f" and {format_duration(rule.grace)}" if rule.grace else ""
-        says = f"{says} if it was seen alive, else after {rule.threshold}{grace}"
-    return f"{says} (observe mode: counts, never blocks)" if observe else says
-
-
-def _report(out: TextIO, plain: Side, guarded: Side, metrics: str) -> None:
-    rows = [
-        ("requests the backend received", plain.backend.requests, guarded.backend.requests),
-        ("  of them 404s (polls for lost tasks)", plain.backend.statuses[404],
-         guarded.backend.statuses[404]),
-        ("terminal answers from pollguard", plain.clients.terminal_from_pollguard,
-         guarded.clients.terminal_from_pollguard),
-        ("clients whose task was lost", plain.clients.lost, guarded.clients.lost),
-        ("  still polling when the demo ended", _polling(plain), _polling(guarded)),
-        ("  stopped (a terminal answer)", len(plain.clients.stopped), len(guarded.clients.stopped)),
-        ("clients whose task completed", plain.clients.completed, guarded.clients.completed),
-    ]  # fmt: skip
-    table = [("", plain.name, guarded.name, "change")]
-    for label, before, after in rows:
-        table.append((label, f"{before:,}", f"{after:,}", _change(before, after)))
-    table.append(("lost-task clients: time to stop (median)", _stop_time(plain),
-                  _stop_time(guarded), ""))  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    print(file=out)
-    for row in table:
-        cells = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
-        ]
-        print("  ".join(cells).rstrip(), file=out)
-    lines = [m for m in metrics.splitlines() if _interesting(m)]
-    print("\npollguard's own count, from its /metrics just before it stopped:", file=out)
-    for line in lines:
-        print(f"  {line}", file=out)
-    print(
-        "\nWhere to look next:\n"
-        "  in front of your backend:  pollguard serve --upstream http://127.0.0.1:5000\n"
-        "  what it did, live:         curl 127.0.0.1:9090/metrics\n"
-        "  what it would do to your traffic, from your access logs:\n"
-        "                             pollguard replay /var/log/nginx/access.log*\n"
-        "  the same for this demo:    pollguard demo --log demo.log && pollguard replay demo.log\n"
-        "  the rule file's keys:      rules/README.md",
-        file=out,
-    )
-
-
-def _polling(side: Side) -> int:
-    return side.clients.lost - len(side.clients.stopped)
-
-
-def _change(before: int, after: int) -> str:
-    if before == after:
-        return "same"
-    if before == 0:
-        return "new"
-    return f"{(after - before) / before:+.0%}"
-
-
-def _stop_time(side: Side) -> str:
-    stopped = side.clients.stopped
-    if not stopped:
-        return "never" if side.clients.lost else "-"
-    seconds = statistics.median(s for s, _ in stopped)
-    polls = statistics.median(p for _, p in stopped)
-    return f"{seconds:.0f} s, {polls:.0f} polls"
-
-
-_SHOWN = (
-    'pollguard_requests_total{outcome="blocked"',
-    'pollguard_requests_total{outcome="forwarded"',
-    'pollguard_requests_total{outcome="would_block"',
-    "pollguard_keys_blocked_total{",
-    "pollguard_upstream_misses_total{",
-)
-
-
-def _interesting(line: str) -> bool:
-    if 'outcome="would_block"' in line and line.endswith(" 0.0"):
-        return False  # an enforcing rule's: always 0
-    return line.startswith(_SHOWN) and 'rule="none"' not in line
