@@ -8,17 +8,15 @@ a log that cannot be read), always as one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import io
 import json
-import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TypeVar
 
 from proxy import __version__
 from proxy.errors import ConfigError, RulesError
+from proxy.process import ignore_until_running, serve
 from proxy.rulefiles import load_rules
 from proxy.rules import RuleSet, doubts
 from proxy.settings import (
@@ -239,11 +237,7 @@ def serve_settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    # SIGHUP means "reload" to a running serve, but its default action ends the process,
-    # and the handler is only installed once the event loop runs (or, with --workers, the
-    # parent blocks it to wait for it): until then a SIGHUP is ignored, not fatal.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # likewise "reopen the access log"
+    ignore_until_running()  # with --workers, the parent then blocks them to wait for them
     settings = serve_settings(args)
     rules = load_rules(settings.rules)
     if settings.workers > 1 and settings.state == "memory://":
@@ -264,8 +258,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from proxy.workers import run_workers
 
         return run_workers(settings, lambda worker: _serve_worker(worker, rules))
-    pg = Pollguard(settings, rules)
-    run(_serve(pg))
+    serve(Pollguard(settings, rules))
     return EXIT_OK
 
 
@@ -274,43 +267,11 @@ def _serve_worker(settings: Settings, rules: RuleSet) -> int:
     from proxy.app import Pollguard
 
     try:
-        run(_serve(Pollguard(settings, rules, reuse_port=True)))
+        serve(Pollguard(settings, rules, reuse_port=True))
     except ConfigError as exc:
         print(f"pollguard serve: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
-
-
-async def _serve(pg: Any) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[None]] = set()  # a running task needs a reference kept
-
-    def reload() -> None:
-        task = loop.create_task(_reload(pg))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    loop.add_signal_handler(signal.SIGUSR1, pg.reopen_logs)
-    await pg.serve_forever(stop)
-
-
-async def _reload(pg: Any) -> None:
-    with contextlib.suppress(RulesError):  # logged and counted by reload(); old rules stay
-        await pg.reload(trigger="SIGHUP")
-
-
-def run(main: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop where it is installed (about a third less CPU per request)."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from proxy.errors import ConfigError, os_reason
+from proxy.process import ignore_until_running
 from proxy.settings import Address, Settings
 
 log = logging.getLogger("pollguard.workers")
@@ -195,11 +196,7 @@ class _Supervisor:
     def child(self, index: int, parent: int) -> None:
         code = 1
         try:
-            # The parent passes SIGHUP and SIGUSR1 on; until the worker's event loop handles
-            # them (rules reload, access log reopen), they must not end the worker, which
-            # is their default action: ignored before they are unblocked.
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            ignore_until_running()  # before they are unblocked: the parent passes them on
             signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
             _exit_with_parent(parent)
             code = self.serve(worker_settings(self.settings, index))
