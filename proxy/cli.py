@@ -46,13 +46,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+class _CommandParser(_Parser):
+    """A subcommand's parser: a flag it does not take is its error, named after it
+    (`pollguard serve: unrecognized arguments: --bogus`), not the top parser's."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pollguard",
         description="A reverse proxy that answers doomed polls itself.",
     )
     parser.add_argument("--version", action="version", version=f"pollguard {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     serve = commands.add_parser("serve", help="run the proxy")
     for key, (env, default, help_text) in SERVE_OPTIONS.items():

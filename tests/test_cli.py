@@ -250,6 +250,24 @@ def test_serve_refuses_mistakes_with_one_line_and_exit_2(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["serve", "--bogus"], id="serve"),
+        pytest.param(["check", "rules", "--bogus"], id="check"),
+        pytest.param(["replay", "access.log", "--bogus"], id="replay"),
+        pytest.param(["demo", "--seconds", "5", "--bogus"], id="demo"),
+    ],
+)
+def test_an_unknown_flag_is_named_with_its_command(args: list[str]) -> None:
+    done = run_cli(*args)
+    assert done.returncode == 2
+    command = args[0]  # argparse named the top parser: "pollguard: unrecognized arguments"
+    assert done.stderr == (
+        f"pollguard {command}: unrecognized arguments: --bogus (see pollguard {command} --help)\n"
+    )
+
+
 @pytest.mark.parametrize("where", ["missing-folder", "a-folder", "under-a-file", "a-fifo"])
 def test_serve_refuses_an_access_log_it_cannot_open(tmp_path: Path, where: str) -> None:
     # (Not a read-only file: CI runs as root, who may write one, and no test is skipped.)
