@@ -1,12 +1,15 @@
 """pollguard's own answers to what it will not forward: small JSON bodies marked
-`X-Pollguard: error`, and the client faults behind them (a body too large or too slow,
-header fields too large, CONNECT). The upstream's failures (502, 504) take the same form."""
+`X-Pollguard: error`, and the client faults behind them (a malformed request, a body too
+large or too slow, header fields too large, CONNECT). The upstream's failures (502, 504)
+take the same form."""
 
 from __future__ import annotations
 
 import json
+import re
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 # What a reverse proxy takes: every method but CONNECT goes to the upstream, which decides.
 NOT_CONNECT = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"
@@ -28,6 +31,33 @@ def error_response(
     if close:
         resp.force_close()
     return resp
+
+
+# What a Host field may hold: RFC 3986's host (a name, IPv4 or [IP-literal]) and port,
+# possibly empty (RFC 9112 3.2). A space, `/` or `@` in it is a 400, as in nginx; so is a
+# bracket that is not around an IP literal, or a port that is not one (checked in is_host).
+_HOST = re.compile(
+    r"(?:\[[A-Za-z0-9._~!$&'()*+,;=%:-]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]{0,5}))?"
+)
+
+
+def is_host(host: str) -> bool:
+    match = _HOST.fullmatch(host)
+    if match is None:
+        return False
+    port = match[1]
+    return not port or 0 < int(port) < 65536  # an empty port is RFC 3986's too
+
+
+def bad_request(status: int, exc: HttpProcessingError, message: str | None) -> web.Response:
+    """The 4xx for a request aiohttp's parser (or ProxyConnection.malformed) refused,
+    naming the fault without quoting the request: aiohttp's own answer echoed the
+    offending line back, its bytes and a caret under the fault."""
+    if isinstance(exc, LineTooLong):  # its message quotes the line's first 100 bytes
+        what = "request line or header field too long"
+    else:  # the parser's words end where its quote begins: `Bad status line:\n  b'...'`
+        what = (message or "").split(":", 1)[0].split("\n", 1)[0] or "malformed request"
+    return error_response(status, what, close=True)
 
 
 def too_large_head() -> web.Response:

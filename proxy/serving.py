@@ -17,7 +17,6 @@ Its requests are request.py's ProxyRequest.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 from aiohttp import hdrs, web
 from aiohttp.helpers import ceil_timeout
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
-from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
@@ -37,17 +36,12 @@ from aiohttp.web_protocol import (
 )
 
 from proxy.headers import RawHeaders
+from proxy.refusals import bad_request, is_host
 
 _NOT_HTTP1 = "only HTTP/1.0 and HTTP/1.1 are served"
 _FRAGMENT = "a '#' in the request target"  # RFC 9112 3.2: no fragment; HAProxy answers 400
 _FRAMING_10 = "Transfer-Encoding in an HTTP/1.0 request"  # RFC 9112 6.1; nginx answers 400
 _BAD_HOST = "invalid Host field"
-# What a Host field may hold: RFC 3986's host (a name, IPv4 or [IP-literal]) and port,
-# possibly empty (RFC 9112 3.2). A space, `/` or `@` in it is a 400, as in nginx; so is a
-# bracket that is not around an IP literal, or a port that is not one (checked in _is_host).
-_HOST = re.compile(
-    r"(?:\[[A-Za-z0-9._~!$&'()*+,;=%:-]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]{0,5}))?"
-)
 
 
 class ProxyConnection(RequestHandler):
@@ -96,10 +90,28 @@ class ProxyConnection(RequestHandler):
             return _FRAGMENT
         host = message.headers.get("Host")
         if host is not None and host != self.valid_host:
-            if not _is_host(host):
+            if not is_host(host):
                 return _BAD_HOST
             self.valid_host = host
         return None
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request the parser or malformed() refused: pollguard's JSON refusal, as for
+        every other client fault, saying what was wrong without quoting the request.
+        aiohttp's plain text echoed the offending line back (`Invalid header token:`,
+        then the line's bytes and a caret under the fault). A handler's bug (500) is
+        aiohttp's answer, logged."""
+        if not isinstance(exc, HttpProcessingError) or status >= 500:
+            return super().handle_error(request, status, exc, message)
+        if request.writer.output_size > 0:  # as aiohttp: too late for another answer
+            raise ConnectionError("an answer is sent already, cannot send the 400")
+        return bad_request(status, exc, message)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -275,14 +287,6 @@ class ProxyConnection(RequestHandler):
                     raise
         if not payload.is_eof() and not self._force_close:
             self.close()  # the rest of the body is still unread: no next request here
-
-
-def _is_host(host: str) -> bool:
-    match = _HOST.fullmatch(host)
-    if match is None:
-        return False
-    port = match[1]
-    return not port or 0 < int(port) < 65536  # an empty port is RFC 3986's too
 
 
 def _raising(exc: Exception) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:

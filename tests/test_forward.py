@@ -760,6 +760,36 @@ async def test_a_malformed_request_is_400_and_never_forwarded(
     await assert_serves(http, pg)
 
 
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        pytest.param(b"GET /a HTTP/1.1\r\nHost: h\r\nX<marker>y: 1\r\n\r\n",
+                     "Invalid header token", id="bad-field-name"),
+        pytest.param(b"G\x01T /<marker> HTTP/1.1\r\nHost: h\r\n\r\n",
+                     "Invalid method encountered", id="bad-method"),
+        pytest.param(b"GET /<marker> HTTP/9.9\r\nHost: h\r\n\r\n",
+                     "Bad status line", id="bad-version"),
+        pytest.param(b"GET /a HTTP/1.1\r\nHost: h\r\nX: <marker>" + b"a" * 9000 + b"\r\n\r\n",
+                     "request line or header field too long", id="long-field"),
+        pytest.param(b"GET /a HTTP/1.1\r\nHost: <marker>\r\n\r\n",
+                     "invalid Host field", id="bad-host"),
+    ],
+)  # fmt: skip
+async def test_a_malformed_request_gets_pollguards_json_400_that_quotes_nothing_of_it(
+    start_pollguard: StartPollguard, connect: Connect, raw: bytes, error: str
+) -> None:
+    """aiohttp's own 400 was plain text that echoed the offending line back."""
+    pg = await start_pollguard()
+    conn = await connect(pg)
+    await conn.send(raw)
+    resp = await conn.response()
+    assert resp.status == 400
+    assert resp.get("X-Pollguard") == "error"
+    assert json.loads(resp.body) == {"error": error, "from": "pollguard"}
+    assert b"marker" not in resp.head + resp.body
+    assert await conn.closed_within(2.0) == b""
+
+
 async def test_a_malformed_chunked_body_is_400_and_never_forwarded(
     start_pollguard: StartPollguard, upstream: Upstream, connect: Connect,
     http: aiohttp.ClientSession,
