@@ -33,7 +33,7 @@ from proxy.refusals import (
 from proxy.relay import Relay
 from proxy.serving import ProxyConnection
 from proxy.upstream import UpstreamPool
-from proxy.websocket import client_websocket, handshake, pump
+from proxy.websocket import relay_websocket
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Headers aiohttp's client would add on its own; a proxy must not invent them.
@@ -156,7 +156,11 @@ class Forwarder:
         if sum(len(name) + len(value) + 4 for name, value in headers.items()) > MAX_HEAD_FIELDS:
             return Forwarded(too_large_head(), None, None)
         if websocket:
-            return await self._websocket(request, url, headers)
+            return Forwarded(
+                *await relay_websocket(
+                    self.session, self._relay, request, url, headers, self._client_timeout
+                )
+            )
 
         body: AsyncIterator[bytes] | None = None
         if request.body_exists:
@@ -262,54 +266,6 @@ class Forwarder:
             if received > self._max_body:
                 raise ClientFault(413, "request body too large")
             yield chunk
-
-    async def _websocket(
-        self, request: web.BaseRequest, url: URL, headers: CIMultiDict[str]
-    ) -> Forwarded:
-        """The handshake as an ordinary request, its redirects passed on, never followed
-        (proxy/websocket.py says why): any answer but 101 is relayed as it came, a 101
-        opens a WebSocket on each side and the messages are copied between them."""
-        protocols = [
-            p.strip()
-            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-            if p.strip()
-        ]
-        key = handshake(headers, protocols)
-        started = perf_counter_ns()
-        try:
-            resp = await self.session.request("GET", url, headers=headers, allow_redirects=False)
-            elapsed = perf_counter_ns() - started
-            if resp.status != 101:  # RFC 6455 4.1: a refusal is an answer like any other
-                async with resp:
-                    answer = await self._relay.answer(
-                        request, resp.status, resp.reason or "", resp.headers, resp.raw_headers,
-                        resp.content_length, resp.content,
-                    )  # fmt: skip
-                return Forwarded(answer, resp.status, elapsed)
-            try:
-                up = client_websocket(resp, key, protocols, self._client_timeout)
-            except BaseException:
-                resp.close()
-                raise
-        except aiohttp.WSServerHandshakeError:  # a 101 that opens nothing
-            return Forwarded(
-                error_response(502, "upstream WebSocket handshake invalid"), None, None
-            )
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            return Forwarded(error_response(504, "upstream timed out"), None, None)
-        except (aiohttp.ClientError, ValueError):  # ValueError: a field that breaks framing
-            return Forwarded(error_response(502, "upstream unreachable"), None, None)
-        down = web.WebSocketResponse(
-            protocols=(up.protocol,) if up.protocol else (),
-            timeout=self._client_timeout,  # for the client's answer to a close
-            autoclose=False,
-            autoping=False,
-            max_msg_size=0,
-        )
-        async with up:
-            await down.prepare(request)
-            await pump(down, up)
-        return Forwarded(down, 101, elapsed)
 
 
 def _expects_continue(request: web.BaseRequest) -> bool:

@@ -3,9 +3,9 @@
 `ClientSession.ws_connect()` follows redirects (to any host: an open redirect on the
 backend would pipe the client into whatever it names) and has no switch against it,
 and it turns a refused handshake into an exception without the answer's fields and
-body. So forward.py sends the handshake as an ordinary request, redirects not followed,
-and relays any answer but 101 as it came (RFC 6455 4.1: it is an HTTP answer like any
-other). On a 101, `client_websocket()` does what `ws_connect()` does after its request
+body. So `relay_websocket()` sends the handshake as an ordinary request, redirects not
+followed, and relays any answer but 101 as it came (RFC 6455 4.1: it is an HTTP answer
+like any other). On a 101, `client_websocket()` does what `ws_connect()` does after its request
 (aiohttp 3.14, `ClientSession._ws_connect`): check the handshake, then read and write
 frames on the connection; those internals are why pyproject.toml pins aiohttp below 3.15.
 `pump()` then copies messages between the client's WebSocket and the upstream's.
@@ -17,6 +17,7 @@ import asyncio
 import base64
 import hashlib
 import os
+from time import perf_counter_ns
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +26,10 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http import WS_KEY, WebSocketReader, WebSocketWriter
 from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.refusals import error_response
+from proxy.relay import Relay
 
 # What the client said of its own WebSocket: pollguard ends it and opens its own upstream.
 CLIENT_HANDSHAKE = (
@@ -46,6 +51,58 @@ def handshake(headers: CIMultiDict[str], protocols: list[str]) -> str:
     if protocols:
         headers["Sec-WebSocket-Protocol"] = ",".join(protocols)
     return key
+
+
+async def relay_websocket(
+    session: aiohttp.ClientSession,
+    relay: Relay,
+    request: web.BaseRequest,
+    url: URL,
+    headers: CIMultiDict[str],
+    client_timeout: float,
+) -> tuple[web.StreamResponse, int | None, int | None]:
+    """The handshake as an ordinary request, its redirects passed on, never followed
+    (the module's docstring says why): any answer but 101 is relayed as it came, a 101
+    opens a WebSocket on each side and the messages are copied between them. Returns
+    forward.Forwarded's fields: the answer, the upstream's status (None when pollguard
+    answered), the nanoseconds until the upstream's head."""
+    protocols = [
+        p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
+    ]
+    key = handshake(headers, protocols)
+    started = perf_counter_ns()
+    try:
+        resp = await session.request("GET", url, headers=headers, allow_redirects=False)
+        elapsed = perf_counter_ns() - started
+        if resp.status != 101:  # RFC 6455 4.1: a refusal is an answer like any other
+            async with resp:
+                answer = await relay.answer(
+                    request, resp.status, resp.reason or "", resp.headers, resp.raw_headers,
+                    resp.content_length, resp.content,
+                )  # fmt: skip
+            return answer, resp.status, elapsed
+        try:
+            up = client_websocket(resp, key, protocols, client_timeout)
+        except BaseException:
+            resp.close()
+            raise
+    except aiohttp.WSServerHandshakeError:  # a 101 that opens nothing
+        return error_response(502, "upstream WebSocket handshake invalid"), None, None
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        return error_response(504, "upstream timed out"), None, None
+    except (aiohttp.ClientError, ValueError):  # ValueError: a field that breaks framing
+        return error_response(502, "upstream unreachable"), None, None
+    down = web.WebSocketResponse(
+        protocols=(up.protocol,) if up.protocol else (),
+        timeout=client_timeout,  # for the client's answer to a close
+        autoclose=False,
+        autoping=False,
+        max_msg_size=0,
+    )
+    async with up:
+        await down.prepare(request)
+        await pump(down, up)
+    return down, 101, elapsed
 
 
 def client_websocket(
