@@ -213,19 +213,19 @@ class Forwarder:
         except (aiohttp.ClientError, HttpProcessingError, OSError):  # OSError: connect failed
             return Forwarded(error_response(502, "upstream unreachable"), None, None)
         elapsed = perf_counter_ns() - started
-        length = message.headers.get("Content-Length")
+        length = message.headers.get("Content-Length")  # digits only: the parser checked
+        size = int(length) if length is not None and not message.chunked else None
         try:
             answer = await self._relay.answer(
                 request, message.code, message.reason, message.headers, message.raw_headers,
-                int(length) if length is not None and not message.chunked else None, payload,
-                proto,
+                size, payload, proto,
             )  # fmt: skip
         except (TimeoutError, aiohttp.ServerTimeoutError):  # a body read whole, still unsent
             return Forwarded(error_response(504, "upstream timed out"), None, None)
         except (aiohttp.ClientError, ValueError):  # ValueError: a field that breaks framing
             return Forwarded(error_response(502, "upstream unreachable"), None, None)
         finally:
-            pool.release(proto)  # kept only if the answer was read to its end
+            pool.release(proto, size)  # kept only if the answer was read to its end, no further
         return Forwarded(answer, message.code, elapsed)
 
     def _fields(self, request: web.BaseRequest) -> bytes | None:

@@ -31,24 +31,34 @@ from proxy.headers import RawHeaders
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Final statuses whose answer ends at its head, whatever its length says (RFC 9112 6.3).
 _BODILESS = (b"204", b"304")
+_EMPTY_LINE = (b"\r", b"\n")  # bytes llhttp skips before a status line
 
 
 class UpstreamConnection(ResponseHandler):
-    """aiohttp's client protocol, plus two guards against an upstream saying too much.
+    """aiohttp's client protocol, plus guards against an upstream saying too much.
 
-    Bytes arriving while the connection sits idle in the pool (an upstream speaking out
-    of turn) close it, so they can never be taken for the answer to the next request.
-    An answer to HEAD, a 204 and a 304 end with their head, whatever follows (RFC 9112
-    6.3): a body sent anyway is dropped and the connection not reused, as nginx does,
-    where aiohttp's parser would take it for a malformed next answer and fail this one
-    with it (a 502).
+    aiohttp's parser reads on past an answer's end, and keeps a next answer's head it has
+    only begun to read for the next exchange on the connection: another client's. So:
+    - bytes arriving while the connection sits idle in the pool (an upstream speaking out
+      of turn) close it;
+    - an answer to HEAD, a 204 and a 304 end with their head, whatever follows (RFC 9112
+      6.3): a body sent anyway is dropped and the connection not reused, as nginx does,
+      where aiohttp's parser would take it for a malformed next answer and fail this one
+      with it (a 502);
+    - a connection on which more came than the answer's head and Content-Length is not
+      reused (overran()), as nginx closes one whose upstream "sent more data than
+      specified". A chunked answer's connection gets a new parser instead (_send).
+    Each exchange finds its final head's end (here, not in the parser) to count from it.
     """
 
     idle = False
     parser_for: bool | None = None  # whether its parser reads a HEAD's answers; None: none yet
     head_only = False  # a HEAD's answer is awaited
     in_head = False  # an answer's final head is awaited
+    bodiless = False  # the final head ends the answer (HEAD, 204, 304)
     _head = b""  # its current head so far, already fed to the parser
+    received = 0  # bytes of this exchange fed to the parser
+    body_at = 0  # where in them the final answer's body begins
     # Forwarder's: its last answer's raw header fields, and what it made of them
     answer_fields: tuple[RawHeaders, tuple[bytes, bool]] | None = None
 
@@ -59,15 +69,19 @@ class UpstreamConnection(ResponseHandler):
                 self.transport.close()
             return
         if self.in_head:
-            status = data[9:12]  # "HTTP/1.1 200": an answer that can have a body is let be
-            if (
-                self.head_only or self._head or len(status) < 3 or status[0] == 49  # b"1"
-                or status in _BODILESS
-            ):  # fmt: skip
-                data = self._up_to_final_head(data)
-            else:
-                self.in_head = False
+            data = self._through_head(data)
+        self.received += len(data)
         super().data_received(data)
+
+    def overran(self, size: int | None) -> bool:
+        """Whether more came than the answer, of `size` bytes of body (None: chunked, or
+        ended by the close): the parser would take the rest for the next answer's start."""
+        if self.in_head:
+            return True
+        extra = self.received - self.body_at
+        if self.bodiless:
+            return extra != 0
+        return size is not None and extra != size
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         """aiohttp's, when there is something to resume.
@@ -86,26 +100,34 @@ class UpstreamConnection(ResponseHandler):
         """The upstream said nothing within the read timeout: the waiting read raises."""
         self.set_exception(ServerTimeoutError("Timeout on reading data from socket"))
 
-    def _up_to_final_head(self, data: bytes) -> bytes:
-        """`data` to the end of the final head when the answer can have no body, else all."""
+    def _through_head(self, data: bytes) -> bytes:
+        """`data`, cut at the final head's end when the answer can have no body; notes
+        where its body begins. Interim heads (103 Early Hints) are skipped, and so are
+        the empty lines the parser skips before a status line."""
         seen = self._head
-        buf = seen + data
+        buf = seen + data if seen else data
         start = 0
-        while (end := buf.find(b"\r\n\r\n", start)) >= 0:
-            status = buf[start + 9 : start + 12]  # "HTTP/1.1 204"
-            if status[:1] == b"1":  # an interim head (103 Early Hints)
-                start = end + 4
-                continue
-            self.in_head = False
-            self._head = b""
-            if not self.head_only and status not in _BODILESS:
+        while True:
+            while buf[start : start + 1] in _EMPTY_LINE:
+                start += 1
+            end = buf.find(b"\r\n\r\n", start)
+            if end < 0:
+                self._head = buf[start:]
                 return data
-            cut = end + 4 - len(seen)
-            if cut < len(data):
-                self.force_close()  # the rest is a body this answer cannot have
-            return data[:cut]
-        self._head = buf[start:]
-        return data
+            status = buf[start + 9 : start + 12]  # "HTTP/1.1 204"
+            if status[:1] != b"1":
+                break
+            start = end + 4
+        self.in_head = False
+        self._head = b""
+        cut = end + 4 - len(seen)
+        self.body_at = self.received + cut
+        self.bodiless = self.head_only or status in _BODILESS
+        if not self.bodiless:
+            return data
+        if cut < len(data):
+            self.force_close()  # the rest is a body this answer cannot have
+        return data[:cut]
 
 
 class UpstreamPool:
@@ -160,9 +182,16 @@ class UpstreamPool:
         proto = await self._connect()
         return await self._send(proto, method, head)
 
-    def release(self, proto: UpstreamConnection) -> None:
-        """Take back a connection whose response was read to its end, or close it."""
-        if proto.should_close or not proto.is_connected() or len(self._idle) >= self._max_idle:
+    def release(self, proto: UpstreamConnection, size: int | None) -> None:
+        """Take back a connection whose response (of `size` bytes of body: its
+        Content-Length, None if it had none) was read to its end and no further, or
+        close it."""
+        if (
+            proto.should_close
+            or not proto.is_connected()
+            or proto.overran(size)
+            or len(self._idle) >= self._max_idle
+        ):
             proto.close()
             return
         proto.idle = True
@@ -242,6 +271,7 @@ class UpstreamPool:
             proto.parser_for = head_only
         proto.head_only = head_only
         proto.in_head = True
+        proto.received = 0
         loop = asyncio.get_running_loop()
         waiting = self._waiting
         try:

@@ -732,6 +732,59 @@ async def test_a_body_ended_by_the_close_streams_through_and_its_connection_is_n
     ]  # fmt: skip
 
 
+# --- 8b. more than the answer: the start of another head after it -----------------------
+
+# What an upstream that miscounts (or a response-splitting bug behind it) sends after an
+# answer: a next head begun but not finished. aiohttp's parser reads on into it and keeps
+# it for the next exchange on the connection; nginx closes such a connection.
+STRAY = b"HTTP/1.1 302 Found\r\nSet-Cookie: session=user-a\r\nX-Stray: "
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(ok(b"mine") + STRAY, id="small-answer"),
+        pytest.param(ok(b"m" * 300_000) + STRAY, id="streamed-answer"),
+        pytest.param(b"\r\nHTTP/1.1 204 No Content\r\n\r\n" + STRAY, id="204-after-an-empty-line"),
+        pytest.param(b"\r\n" + ok(b"mine") + STRAY, id="200-after-an-empty-line"),
+    ],
+)  # fmt: skip
+async def test_the_start_of_another_head_after_an_answer_never_reaches_the_next_client(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, answer: bytes
+) -> None:
+    async def overruns_once(request: Request) -> None:
+        request.writer.write(answer if request.path == "/a" else ok(request.path.encode()))
+
+    up = await backend(overruns_once)
+    pg = await through(start_pollguard, up)
+    client_a = await connect(pg)
+    assert (await client_a.get("/warm")).status == 200
+    reply = await client_a.get("/a")  # on the reused connection: the stray stays behind
+    assert reply.status == int(answer.lstrip(b"\r\n")[9:12])
+    client_b = await connect(pg)
+    reply = await client_b.get("/b")
+    assert (reply.status, reply.body, reply.get("Set-Cookie")) == (200, b"/b", None)
+    assert [(conn, path) for conn, _, _, path in up.seen] == [(1, "/warm"), (1, "/a"), (2, "/b")]
+
+
+async def test_a_live_task_is_not_blocked_by_404_heads_that_trail_its_200s(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    """Each 200 trails the start of a 404: read as the next poll's answer, three of them
+    blocked a task its upstream answered 200 every time."""
+
+    async def alive(request: Request) -> None:
+        request.writer.write(ok(b'{"status": "running"}') + b"HTTP/1.1 404 Not Found\r\nX: ")
+
+    up = await backend(alive)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    for _ in range(6):
+        reply = await client.get("/test/status/live-1")
+        assert (reply.status, reply.body) == (200, b'{"status": "running"}')
+    assert up.accepted == 6
+
+
 # --- 9. failures: refused, silent -------------------------------------------------------
 
 
@@ -834,7 +887,7 @@ async def test_pool_drops_connections_idle_past_keepalive_timeout(backend: Start
             await asyncio.sleep(pause)
             proto, message, payload = await pool.exchange("GET", HEAD)
             assert (message.code, await payload.read()) == (200, b"/p")
-            pool.release(proto)
+            pool.release(proto, 2)
     finally:
         pool.close()
     assert [(conn, nth) for conn, nth, _, _ in up.seen] == [(1, 1), (2, 1), (2, 2)]
@@ -859,17 +912,17 @@ async def test_pool_keeps_at_most_max_idle_and_closes_an_unread_answer(
         got = await asyncio.gather(*(pool.exchange("GET", HEAD) for _ in range(3)))
         for proto, _, payload in got:
             assert await payload.read() == b"/p"
-            pool.release(proto)
+            pool.release(proto, 2)
         assert sum(proto.is_connected() for proto, _, _ in got) == 1
 
         unread = b"GET /unread HTTP/1.1\r\nHost: h\r\n\r\n"
         proto, _, payload = await pool.exchange("GET", unread)  # on the one kept
         assert up.accepted == 3
-        pool.release(proto)  # its body not read to the end: closed, not kept
+        pool.release(proto, 10)  # its body not read to the end: closed, not kept
         assert not proto.is_connected()
         proto, _, payload = await pool.exchange("GET", HEAD)
         assert await payload.read() == b"/p"
-        pool.release(proto)
+        pool.release(proto, 2)
         assert up.accepted == 4
     finally:
         pool.close()
