@@ -48,14 +48,18 @@ class Relay:
 
         `conn`: the pooled connection it came on, which remembers its last answer's fields.
         """
-        if request.method == "HEAD" or status in (204, 304) or status < 200:
+        if status < 200:
+            # What gets here is no status (0xx: RFC 9110 15, 100..599) or a 101 nobody
+            # asked for (the upstream never sees a client's Upgrade but a WebSocket's): a
+            # client cannot tell where either ends. A ValueError is a 502.
+            raise ValueError(f"a final answer of status {status}")
+        if request.method == "HEAD" or status in (204, 304):
             return Relayed(status, reason, *_relayed_fields(src_headers, raw_headers, conn), b"")
         if length is not None and length <= BUFFER_LIMIT:
             if content.is_eof():  # usually all there already, in the same read as the head
                 body = content.read_nowait()
             else:
-                async with asyncio.timeout(self._upstream_timeout):  # nginx's proxy_read_timeout
-                    body = await content.read()
+                body = await self._whole(content)
             return Relayed(status, reason, *_relayed_fields(src_headers, raw_headers, conn), body)
         headers = response_headers(src_headers)
         resp = _Streamed(status=status, reason=reason, headers=headers)
@@ -82,6 +86,17 @@ class Relay:
             return resp
         await resp.write_eof()
         return resp
+
+    async def _whole(self, content: StreamReader) -> bytes:
+        """A small body still on its way, read to its end, each read within the upstream
+        timeout (nginx's proxy_read_timeout is between reads, not for the whole body)."""
+        parts: list[bytes] = []
+        while True:
+            async with asyncio.timeout(self._upstream_timeout):
+                chunk = await content.readany()
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
 
 
 class Relayed(WireResponse):

@@ -801,6 +801,53 @@ async def test_a_refused_connect_is_a_fast_502(
         assert time.monotonic() - started < 0.5
 
 
+@pytest.mark.parametrize(
+    "final",
+    [
+        pytest.param(b"HTTP/1.1 099 Odd\r\nContent-Length: 5\r\n\r\nhello", id="no-status"),
+        pytest.param(b"HTTP/1.1 101 Switching Protocols\r\nContent-Length: 5\r\n\r\nhello",
+                     id="unasked-101"),
+    ],
+)  # fmt: skip
+async def test_a_final_status_below_200_is_a_502_and_the_client_connection_stays_framed(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, final: bytes
+) -> None:
+    """Relayed, its head went out with the upstream's Content-Length and no body: the
+    client took its next answer's first bytes for this one's body."""
+
+    async def odd_once(request: Request) -> None:
+        request.writer.write(final if request.path == "/odd" else ok(request.path.encode()))
+
+    up = await backend(odd_once)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    reply = await client.get("/odd")
+    assert (reply.status, reply.get("X-Pollguard")) == (502, "error")
+    reply = await client.get("/next")
+    assert (reply.status, reply.body) == (200, b"/next")
+
+
+async def test_a_small_body_trickling_in_is_timed_between_reads_not_as_a_whole(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    """--upstream-timeout bounds each wait for the body, as nginx's proxy_read_timeout:
+    a small answer read whole had it as a deadline for all of it (a 504 here)."""
+    body = pattern(6000)
+
+    async def trickles(request: Request) -> None:
+        request.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6000\r\n\r\n")
+        for i in range(0, 6000, 500):
+            await request.writer.drain()
+            await asyncio.sleep(0.1)
+            request.writer.write(body[i : i + 500])
+
+    up = await backend(trickles)
+    pg = await through(start_pollguard, up, upstream_timeout=0.5)
+    client = await connect(pg)
+    reply = await client.get("/slow")  # 1.2 s in all
+    assert (reply.status, reply.body) == (200, body)
+
+
 async def test_a_silent_upstream_is_a_504_after_upstream_timeout_and_is_not_reused(
     start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
 ) -> None:
