@@ -14,8 +14,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import math
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -25,6 +23,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from proxy.errors import RulesError, StateError
+from proxy.events import Throttled
 from proxy.workers import tell_parent_reloaded
 
 if TYPE_CHECKING:
@@ -34,7 +33,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 POLLGUARD: web.AppKey[Pollguard] = web.AppKey("pollguard")
 ADMIN_TOKEN: web.AppKey[bytes | None] = web.AppKey("admin_token")
-REFUSALS: web.AppKey[RefusalLog] = web.AppKey("refusals")
+REFUSALS: web.AppKey[Throttled] = web.AppKey("refusals")
 # /readyz must answer quickly even when the store does not.
 READY_TIMEOUT = 0.5
 # Listing every blocked key of a shared store takes longer than one request's lookup.
@@ -56,7 +55,7 @@ def create_admin_app(pg: Pollguard) -> web.Application:
     app[POLLGUARD] = pg
     token = pg.settings.admin_token
     app[ADMIN_TOKEN] = token.encode() if token is not None else None
-    app[REFUSALS] = RefusalLog()
+    app[REFUSALS] = refusal_log()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -109,35 +108,20 @@ def _admin(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         refused = _refusal(request)
         if refused is not None:
-            request.app[REFUSALS].note(request, refused.status)
+            request.app[REFUSALS].note(
+                remote=request.remote, method=request.method, path=request.raw_path,
+                status=refused.status,
+            )  # fmt: skip
             return refused
         return await handler(request)
 
     return guarded
 
 
-class RefusalLog:
-    """The `admin_refused` event, at most one a second: whoever can reach the admin port
-    must not be able to flood the event log. The next line counts the ones left out."""
-
-    def __init__(self, every: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._every = every
-        self._clock = clock
-        self._last = -math.inf
-        self._left_out = 0
-
-    def note(self, request: web.Request, status: int) -> None:
-        now = self._clock()
-        if now - self._last < self._every:
-            self._left_out += 1
-            return
-        log.warning(
-            "admin request refused",
-            extra={"event": "admin_refused", "remote": request.remote,
-                   "method": request.method, "path": request.raw_path, "status": status,
-                   "refused_unlogged_since_last": self._left_out},
-        )  # fmt: skip
-        self._last, self._left_out = now, 0
+def refusal_log() -> Throttled:
+    """The `admin_refused` event: whoever can reach the admin port must not be able to
+    flood the event log with it."""
+    return Throttled("admin_refused", "admin request refused", "refused_unlogged_since_last")
 
 
 def _refusal(request: web.Request) -> web.Response | None:

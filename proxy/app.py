@@ -12,9 +12,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.errors import ConfigError, RulesError, StateError, os_reason
+from proxy.events import server_logger
 from proxy.forward import Forwarder
 from proxy.handler import ProxyHandler
-from proxy.logs import LineSink, access_logger, open_sink, server_logger
+from proxy.logs import LineSink, access_logger, open_sink
 from proxy.metrics import Metrics
 from proxy.request import ProxyRequest
 from proxy.rulefiles import load_rules

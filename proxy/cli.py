@@ -262,7 +262,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "(a threshold of 5 would take up to 5 x workers misses); use --state redis://..."
         )
     from proxy.app import Pollguard, check_c_parser
-    from proxy.logs import check_target, configure_event_log
+    from proxy.events import configure_event_log
+    from proxy.logs import check_target
 
     check_target(settings.access_log, settings.name("access_log"))
     check_c_parser()

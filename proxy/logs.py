@@ -1,4 +1,4 @@
-"""Structured logs: one JSON object per line, for the access log and for events.
+"""The access log: one JSON object per answer, written in batches (events.py: the other log).
 
 Every value is JSON-escaped, so no path or header can start a line of its own. Blocked
 answers carry `"pollguard":"blocked"` (the same words as the X-Pollguard header), the
@@ -8,17 +8,14 @@ marker the seed's incident asked for: `grep '"pollguard":"blocked"'` finds them 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import os
 import sys
 import time
 from json.encoder import encode_basestring_ascii as _q  # the C encoder, ~20x json.dumps
 from time import time as _time
-from typing import IO, Any
+from typing import IO
 
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import StreamResponse
 
 from proxy.blocked import BlockedAnswer
@@ -67,7 +64,7 @@ class _Timestamps:
 
 
 _stamp = _Timestamps()  # the access log reads it inline (AccessLogger.log_ns)
-_timestamp = _stamp.text  # a bound method: cheaper to call than __call__
+timestamp = _stamp.text  # a bound method: cheaper to call than __call__
 
 
 class LineSink:
@@ -179,7 +176,7 @@ class AccessLogger(AbstractAccessLogger):
         us = ns // 1000  # durations are truncated to the microsecond
         size = response.body_length
         now = _time()
-        stamp = _stamp  # _timestamp(now) inline: a call is ~500 instructions
+        stamp = _stamp  # timestamp(now) inline: a call is ~500 instructions
         if not stamp.second <= now < stamp.next:
             stamp.turn(now)
         line = (
@@ -222,56 +219,3 @@ class AccessLogger(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return self.sink is not None
-
-
-class JsonFormatter(logging.Formatter):
-    """Event log lines: time, level, event, message, and any `extra=` fields."""
-
-    _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": _timestamp(record.created),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in self._STANDARD:
-                out[key] = value
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-class _NotClientFaults(logging.Filter):
-    """Drops aiohttp's ERROR-with-traceback for each malformed request.
-
-    The client's 400 is in the access log already; as an event it would let any hostile
-    client flood the event log with tracebacks. Errors of pollguard's own still pass.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, HttpProcessingError)
-
-
-def server_logger() -> logging.Logger:
-    """The logger for aiohttp's server on the public port."""
-    logger = logging.getLogger("pollguard.server")
-    if not any(isinstance(f, _NotClientFaults) for f in logger.filters):
-        logger.addFilter(_NotClientFaults())
-    return logger
-
-
-def configure_event_log(level: int = logging.INFO) -> None:
-    """Events (start, reload, key blocked, errors) as JSON lines on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("pollguard")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    for name in ("aiohttp.server", "aiohttp.web"):
-        logging.getLogger(name).handlers[:] = [handler]
-        logging.getLogger(name).propagate = False

@@ -17,7 +17,7 @@ from yarl import URL
 
 from proxy.app import Pollguard
 from proxy.errors import ConfigError
-from proxy.logs import FLUSH_EVERY, _timestamp, access_logger
+from proxy.logs import FLUSH_EVERY, access_logger, timestamp
 from proxy.relay import Relayed
 from proxy.settings import Address, Settings
 from tests.conftest import StartPollguard
@@ -56,7 +56,7 @@ async def test_malformed_requests_are_access_log_lines_not_error_tracebacks(
     ],
 )
 def test_timestamps_are_rfc3339_utc_with_milliseconds(now: float, text: str) -> None:
-    assert _timestamp(now) == text
+    assert timestamp(now) == text
 
 
 async def test_a_blocked_line_escapes_the_clients_path_and_task_id(
@@ -128,7 +128,7 @@ def test_durations_read_the_same_from_the_table_and_past_it(
         access_logger(Sink())(logging.getLogger("test"), "").log_ns(request, response, ns)  # type: ignore[arg-type]
     after = time.time()
     assert [json.loads(line)["bytes"] for line in lines] == [150, 1000, 123456]
-    for line in lines:  # the time, as _timestamp() gives it, to the millisecond
+    for line in lines:  # the time, as timestamp() gives it, to the millisecond
         logged = datetime.fromisoformat(json.loads(line)["time"]).timestamp()
         assert int(before * 1000) / 1000 <= logged <= after
     for line in lines:
