@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.events import Throttled
 from proxy.headers import request_fields, request_headers, request_line
 from proxy.refusals import (
     NOT_CONNECT,
@@ -62,6 +63,12 @@ class _ProxyRequest(aiohttp.ClientRequest):
         self._skip_auto_headers = _NO_AUTO_HEADERS  # also keeps payloads from adding Content-Type
 
 
+# What an upstream said that is no HTTP answer (a ValueError: fields or a status that
+# break framing), or an answer that broke off: its 502 says so, not "unreachable".
+_INVALID = (
+    HttpProcessingError, ValueError, aiohttp.ClientResponseError, aiohttp.ClientPayloadError,
+)  # fmt: skip
+
 # The most header-field bytes a request may send on. aiohttp bounds each line (8190
 # bytes) and their number (128), not their sum: a ~1 MB head would go to the upstream.
 # nginx takes 32 KB of large fields by default (large_client_header_buffers 4 8k).
@@ -94,6 +101,10 @@ class Forwarder:
         self._relay = Relay(timeout, client_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None
+        # nginx's error log names each upstream failure; an outage fails every request
+        self._failures = Throttled(
+            "upstream_failed", "upstream request failed", "failed_unlogged_since_last"
+        )
 
     async def start(self) -> None:
         if self._scheme == "http" and self._upstream.host is not None:
@@ -127,6 +138,22 @@ class Forwarder:
             await self._session.close()
             self._session = None
 
+    def failed(self, request: web.BaseRequest, exc: BaseException) -> web.Response:
+        """The SPEC's 502 or 504 for an upstream that failed, and the event that says why
+        (the exception's words), at most one a second."""
+        if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one
+            status, what = 504, "upstream timed out"
+        elif isinstance(exc, _INVALID):
+            status, what = 502, "invalid answer from upstream"
+        else:
+            status, what = 502, "upstream unreachable"
+        words = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+        reason = " ".join(str(words).split())[:200] or type(exc).__name__
+        self._failures.note(
+            status=status, error=reason, method=request.method, path=request.raw_path
+        )
+        return error_response(status, what)
+
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -156,11 +183,11 @@ class Forwarder:
         if sum(len(name) + len(value) + 4 for name, value in headers.items()) > MAX_HEAD_FIELDS:
             return Forwarded(too_large_head(), None, None)
         if websocket:
-            return Forwarded(
-                *await relay_websocket(
-                    self.session, self._relay, request, url, headers, self._client_timeout
-                )
+            timeout = self._client_timeout
+            relayed = await relay_websocket(
+                self.session, self._relay, request, url, headers, timeout, self.failed
             )
+            return Forwarded(*relayed)
 
         body: AsyncIterator[bytes] | None = None
         if request.body_exists:
@@ -189,13 +216,11 @@ class Forwarder:
                 return Forwarded(answer, up.status, elapsed)
         except ClientFault as exc:
             return Forwarded(await refuse(request, exc), None, None)
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            return Forwarded(error_response(504, "upstream timed out"), None, None)
-        except (aiohttp.ClientError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             fault = fault_of(exc)
             if fault is not None:
                 return Forwarded(await refuse(request, fault), None, None)
-            return Forwarded(error_response(502, "upstream unreachable"), None, None)
+            return Forwarded(self.failed(request, exc), None, None)
 
     async def _exchange(
         self, pool: UpstreamPool, request: web.BaseRequest, target: str
@@ -208,10 +233,8 @@ class Forwarder:
         started = perf_counter_ns()
         try:
             proto, message, payload = await pool.exchange(request.method, head)
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            return Forwarded(error_response(504, "upstream timed out"), None, None)
-        except (aiohttp.ClientError, HttpProcessingError, OSError):  # OSError: connect failed
-            return Forwarded(error_response(502, "upstream unreachable"), None, None)
+        except (aiohttp.ClientError, HttpProcessingError, OSError) as exc:  # OSError: connect
+            return Forwarded(self.failed(request, exc), None, None)  # TimeoutError is one
         elapsed = perf_counter_ns() - started
         length = message.headers.get("Content-Length")  # digits only: the parser checked
         size = int(length) if length is not None and not message.chunked else None
@@ -220,10 +243,8 @@ class Forwarder:
                 request, message.code, message.reason, message.headers, message.raw_headers,
                 size, payload, proto,
             )  # fmt: skip
-        except (TimeoutError, aiohttp.ServerTimeoutError):  # a body read whole, still unsent
-            return Forwarded(error_response(504, "upstream timed out"), None, None)
-        except (aiohttp.ClientError, ValueError):  # ValueError: a field that breaks framing
-            return Forwarded(error_response(502, "upstream unreachable"), None, None)
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:  # a body read whole
+            return Forwarded(self.failed(request, exc), None, None)
         finally:
             pool.release(proto, size)  # kept only if the answer was read to its end, no further
         return Forwarded(answer, message.code, elapsed)

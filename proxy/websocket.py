@@ -17,6 +17,7 @@ import asyncio
 import base64
 import hashlib
 import os
+from collections.abc import Callable
 from time import perf_counter_ns
 
 import aiohttp
@@ -60,6 +61,7 @@ async def relay_websocket(
     url: URL,
     headers: CIMultiDict[str],
     client_timeout: float,
+    failed: Callable[[web.BaseRequest, BaseException], web.Response],
 ) -> tuple[web.StreamResponse, int | None, int | None]:
     """The handshake as an ordinary request, its redirects passed on, never followed
     (the module's docstring says why): any answer but 101 is relayed as it came, a 101
@@ -88,10 +90,8 @@ async def relay_websocket(
             raise
     except aiohttp.WSServerHandshakeError:  # a 101 that opens nothing
         return error_response(502, "upstream WebSocket handshake invalid"), None, None
-    except (TimeoutError, aiohttp.ServerTimeoutError):
-        return error_response(504, "upstream timed out"), None, None
-    except (aiohttp.ClientError, ValueError):  # ValueError: a field that breaks framing
-        return error_response(502, "upstream unreachable"), None, None
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:  # Forwarder.failed()
+        return failed(request, exc), None, None
     down = web.WebSocketResponse(
         protocols=(up.protocol,) if up.protocol else (),
         timeout=client_timeout,  # for the client's answer to a close

@@ -11,6 +11,7 @@ length. Clients are raw sockets too, so the bytes pollguard sends can be compare
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -846,6 +847,46 @@ async def test_a_small_body_trickling_in_is_timed_between_reads_not_as_a_whole(
     client = await connect(pg)
     reply = await client.get("/slow")  # 1.2 s in all
     assert (reply.status, reply.body) == (200, body)
+
+
+async def test_an_invalid_answer_is_a_502_that_says_so_and_an_event_with_the_parsers_words(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A 502 said "upstream unreachable" for an upstream that answered garbage, and nothing
+    was logged: nginx's error log names each cause ("upstream sent invalid header")."""
+
+    async def garbled(request: Request) -> None:
+        request.writer.write(b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n")
+
+    up = await backend(garbled)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    started = time.monotonic()
+    for _ in range(5):
+        reply = await client.get("/garbled")
+        assert (reply.status, json.loads(reply.body)["error"]) == (
+            502, "invalid answer from upstream",
+        )  # fmt: skip
+    took = time.monotonic() - started
+    events = [r for r in caplog.records if getattr(r, "event", None) == "upstream_failed"]
+    assert 1 <= len(events) <= 1 + int(took)  # at most one a second, not one a request
+    first = events[0].__dict__
+    assert (first["status"], first["path"], first["failed_unlogged_since_last"]) == (
+        502, "/garbled", 0,
+    )  # fmt: skip
+    assert "Invalid header" in first["error"], first["error"]
+
+
+async def test_a_refused_connect_is_logged_as_unreachable(
+    start_pollguard: StartPollguard, connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    pg = await start_pollguard(upstream_url=f"http://127.0.0.1:{port}")
+    reply = await (await connect(pg)).get("/down")
+    assert json.loads(reply.body)["error"] == "upstream unreachable"
+    [event] = [r for r in caplog.records if getattr(r, "event", None) == "upstream_failed"]
+    assert str(port) in event.__dict__["error"]
 
 
 async def test_a_silent_upstream_is_a_504_after_upstream_timeout_and_is_not_reused(
