@@ -101,7 +101,16 @@ async def relay_websocket(
     )
     async with up:
         await down.prepare(request)
-        await pump(down, up)
+        try:
+            await pump(down, up)
+        except asyncio.CancelledError:
+            # The client's connection was lost (no close frame: a phone out of coverage),
+            # or the drain ran out: the session happened, its 101 went out, so it ends as
+            # an answer, counted and logged, not as a cancelled request, which is neither.
+            # A cancellation asked for by anything else as well still goes through.
+            task = asyncio.current_task()
+            if task is None or task.uncancel() > 0:
+                raise
     return down, 101, elapsed
 
 

@@ -14,6 +14,7 @@ import json
 import random
 import time
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -960,6 +961,35 @@ async def test_websocket_close_propagates_both_ways(
         while len(upstream.ws_closes) < 2:
             await asyncio.sleep(0.01)
     assert upstream.ws_closes == [4001, 4002]
+
+
+async def test_a_websocket_session_whose_client_vanishes_is_still_counted_and_logged(
+    start_pollguard: StartPollguard, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A client that drops TCP without a close frame (a phone out of coverage) cancels
+    the session's handler: it was neither counted nor logged, though its 101 went out."""
+    log = tmp_path / "access.log"
+    pg = await start_pollguard(access_log=str(log))
+    async with asyncio.timeout(5):
+        for drop in (False, True):
+            ws = await http.ws_connect(pg.url("/ws"))
+            await ws.send_str("hi")
+            assert await ws.receive_str() == "echo:hi"
+            if drop:
+                connection = ws._response.connection
+                assert connection is not None and connection.transport is not None
+                connection.transport.abort()
+            else:
+                await ws.close()
+        sample = 'pollguard_requests_total{outcome="forwarded",rule="none"}'
+        while True:
+            async with http.get(pg.admin("/metrics")) as scraped:
+                if metric(await scraped.text(), sample) == 2:
+                    break
+            await asyncio.sleep(0.05)
+        while len(lines := log.read_text().splitlines()) < 2:
+            await asyncio.sleep(0.05)
+    assert [json.loads(line)["status"] for line in lines] == [101, 101]
 
 
 def ws_handshake(path: str) -> bytes:
