@@ -217,7 +217,10 @@ class Pollguard:
             await stop.wait()
         finally:
             log.info("draining", extra={"event": "stopping"})
+            started = time.monotonic()
             await self.stop()
+            took = round(time.monotonic() - started, 3)
+            log.info("stopped", extra={"event": "stopped", "drained_in_s": took})
 
     def _describe(self) -> dict[str, Any]:
         return {

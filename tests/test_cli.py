@@ -379,7 +379,8 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
     finally:
         await proc.kill()
     events = [json.loads(line) for line in proc.stderr().splitlines()]
-    assert [e["event"] for e in events if "event" in e] == ["started", "stopping"]
+    assert [e["event"] for e in events if "event" in e] == ["started", "stopping", "stopped"]
+    assert 0.3 <= events[-1]["drained_in_s"] < 10  # it waited for the request upstream
 
 
 @pytest.mark.parametrize("signo", [signal.SIGHUP, signal.SIGUSR1], ids=["HUP", "USR1"])
