@@ -23,7 +23,14 @@ from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -153,6 +160,13 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # What prometheus_client's default registry has, for every Python exporter: the
+        # process (resident memory, open and maximum file descriptors, CPU seconds,
+        # start time) and the runtime (python_info, python_gc_*), so a leak or file
+        # descriptors running out can be alerted on. Not in the SPEC; no task id in them.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
         self.blocked_keys = Gauge(
             "pollguard_blocked_keys",
             "Keys blocked now.",

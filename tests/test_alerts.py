@@ -121,7 +121,8 @@ async def test_alerts_and_their_unit_tests_name_only_what_pollguard_exports(
     exposition = await live_exposition(http, pg.admin("/metrics"))
     job = scrape_job()["job_name"]
     series = [s["series"] for case in load_yaml(ALERTS_TEST)["tests"] for s in case["input_series"]]
-    # the unit tests make up instances and rule names, and one foreign job for "absent"
+    # the unit tests make up instances and rule names, and a foreign job ("absent", and
+    # process_* series of another exporter's)
     series = [s for s in series if 'job="node"' not in s]
 
     problems = {

@@ -59,6 +59,18 @@ async def test_every_series_exists_from_the_start_at_zero(
         assert value(samples, "pollguard_rules_reloads_total", result=result) == 0
 
 
+async def test_the_process_and_runtime_are_exported_as_by_every_python_exporter(
+    start_pollguard: StartPollguard, http: aiohttp.ClientSession
+) -> None:
+    pg = await start_pollguard()
+    samples = await scrape(http, pg.admin("/metrics"))
+    assert value(samples, "process_resident_memory_bytes") > 10_000_000
+    assert 0 < value(samples, "process_open_fds") < value(samples, "process_max_fds")
+    assert value(samples, "process_cpu_seconds_total") > 0
+    assert any(name == "python_info" for name, _ in samples)
+    assert any(name == "python_gc_collections_total" for name, _ in samples)
+
+
 async def test_metrics_tell_the_story_of_a_lost_task_exactly(
     start_pollguard: StartPollguard, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
