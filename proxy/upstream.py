@@ -294,8 +294,8 @@ class UpstreamPool:
                 self._sweeper = loop.call_later(self._tick, self._sweep)
             message, payload = await proto.read()
             while 100 <= message.code < 200 and message.code != 101:
-                # 103 Early Hints and the like: the wait for the final answer starts again
-                waiting[proto] = loop.time() + self._read_timeout
+                # 103 Early Hints and the like: skipped. The deadline stays the one set at
+                # the send, or an upstream dripping them would hold the request for ever.
                 message, payload = await proto.read()
             if message.chunked:
                 # aiohttp 3.14's C parser keeps a chunked answer's last trailer field pending

@@ -298,6 +298,27 @@ async def test_an_upstream_going_silent_after_a_1xx_is_a_504_after_upstream_time
     assert time.monotonic() - started < 1.3
 
 
+async def test_interim_answers_dripping_in_do_not_hold_a_request_past_upstream_timeout(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    """Each 1xx restarted the wait: a 103 every 0.1 s held the request as long as they came."""
+
+    async def drips(request: Request) -> None:
+        for _ in range(30):  # 3 s of them, then the answer
+            request.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n")
+            await request.writer.drain()
+            await asyncio.sleep(0.1)
+        request.writer.write(ok(b"late"))
+
+    up = await backend(drips)
+    pg = await through(start_pollguard, up, upstream_timeout=0.3)
+    client = await connect(pg)
+    started = time.monotonic()
+    reply = await client.get("/dripping")
+    assert reply.status == 504
+    assert time.monotonic() - started < 1.3
+
+
 # --- 4. a bare CR in an upstream header -------------------------------------------------
 
 
