@@ -93,3 +93,27 @@ def test_retain_drops_removed_rules_and_learns_new_windows() -> None:
     assert len(counts) == 1
     counts.expire(EPOCH + 3600)
     assert len(counts) == 0
+
+
+def test_a_write_learns_the_window_of_the_rule_it_is_given() -> None:
+    counts = Counts(max_keys=10)
+    counts.set(RULE, "a", count(1, EPOCH))
+    (longer,) = ruleset(rule_toml(window="1h")).rules  # RULE's name, reloaded
+    counts.set(longer, "b", count(1, EPOCH + 1))
+    counts.expire(EPOCH + 600)  # guard.current with `longer` keeps both
+    assert len(counts) == 2
+    counts.expire(EPOCH + 3600)
+    assert len(counts) == 1 and counts.get(RULE.name, "b") is not None
+
+
+def test_a_step_back_after_the_order_was_put_back_is_still_noticed() -> None:
+    counts = Counts(max_keys=10)
+    counts.set(OTHER, "c", count(1, EPOCH + 300))
+    counts.set(OTHER, "a", count(1, EPOCH + 100))  # the clock stepped back
+    counts.set(OTHER, "b", count(1, EPOCH + 200))
+    counts.expire(EPOCH + 100)  # nothing lapsed; the order is put back: a, b, c
+    assert len(counts) == 3
+    counts.set(OTHER, "d", count(1, EPOCH + 250))  # older than c, the newest
+    counts.expire(EPOCH + 250 + OTHER.window)  # a, b and d have lapsed, c not
+    assert len(counts) == 1
+    assert counts.get(OTHER.name, "c") is not None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 
 import pytest
 
@@ -48,7 +48,7 @@ def test_any_2xx_resets_and_marks_alive() -> None:
         assert out.state is None and out.alive and not out.miss
 
 
-@pytest.mark.parametrize("status", [500, 502, 503, 429, 301, 401, 403])
+@pytest.mark.parametrize("status", [500, 502, 503, 429, 300, 301, 401, 403])
 def test_other_statuses_neither_count_nor_reset(status: int) -> None:
     state = misses(RULE, [T0, T0 + 1])
     out = record(state, RULE, T0 + 2, status, alive=False)
@@ -134,6 +134,26 @@ def test_a_2xx_straggler_ends_a_block_too() -> None:
     state = misses(RULE, [T0, T0 + 1, T0 + 2])
     out = record(state, RULE, T0 + 5, 200, alive=False)
     assert out.unblocked and out.state is None
+
+
+def test_a_2xx_the_instant_a_block_ends_unblocks_nothing() -> None:
+    state = misses(RULE, [T0, T0 + 1, T0 + 2])
+    assert state is not None
+    last = record(state, RULE, math.nextafter(state.blocked_until, 0), 200, alive=False)
+    assert last.unblocked
+    out = record(state, RULE, state.blocked_until, 200, alive=False)  # blocked while now < end
+    assert not out.unblocked and out.alive and out.state is None
+
+
+def test_states_and_outcomes_are_immutable() -> None:
+    # every live task's 2xx gets the one shared Outcome; stores keep the KeyState given
+    shared = record(None, RULE, T0, 200, alive=False)
+    with pytest.raises(FrozenInstanceError):
+        shared.alive = False  # type: ignore[misc]
+    state = misses(RULE, [T0])
+    assert state is not None
+    with pytest.raises(FrozenInstanceError):
+        state.misses = 0  # type: ignore[misc]
 
 
 def test_expires_matches_current() -> None:

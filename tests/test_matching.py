@@ -67,6 +67,7 @@ def test_variants_of_one_path_give_one_key(raw: str, key: str) -> None:
         pytest.param("HEAD", "/api/jobs/1/state", id="method-of-other-rule"),
         pytest.param("GET", "http://x?q=/test/status/x", id="absolute-form-query"),
         pytest.param("GET", "http://test/status/x", id="absolute-form-authority"),
+        pytest.param("GET", "http://x#/test/status/x", id="absolute-form-fragment"),
         pytest.param("GET", "*", id="asterisk-form"),
     ],
 )
@@ -78,6 +79,14 @@ def test_an_id_of_256_characters_is_still_counted() -> None:
     for raw in ("/test/status/" + "a" * 256, "/test//status/" + "a" * 256):
         hit = MATCHER.match("GET", raw)
         assert hit is not None and hit[1] == "a" * 256
+
+
+def test_an_absolute_form_target_without_a_path_names_the_root() -> None:
+    matcher = Matcher(ruleset(rule_toml(name="root", path="/{task_id}")).rules)
+    for raw in ("http://api.example.com", "http://api.example.com?x=/lost-1"):
+        assert matcher.match("GET", raw) is None, raw  # "/": no id in it
+    hit = matcher.match("GET", "http://api.example.com/lost-1")
+    assert hit is not None and hit[1] == "lost-1"
 
 
 def test_placeholder_in_the_middle() -> None:

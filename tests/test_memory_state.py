@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 from proxy.guard import Action
-from proxy.state.memory import MemoryState
+from proxy.state.memory import LIST_SLICE, MemoryState
 from tests.support import FakeClock, rule_toml, ruleset
 
 RULES = ruleset(
@@ -120,3 +121,31 @@ async def test_a_count_lapses_exactly_at_its_window_on_a_fractional_clock() -> N
     assert (await state.stats()).tracked == 1  # only the block
     out = await state.record(RULE, "u", 404)
     assert out.state is not None and out.state.misses == 1
+
+
+async def test_an_answer_that_is_no_miss_does_not_renew_a_count_in_the_bound() -> None:
+    clock = FakeClock()
+    state = MemoryState(max_keys=2, clock=clock)
+    await miss(state, "counted-first")
+    clock.advance(1)
+    await miss(state, "counted-next")
+    clock.advance(1)
+    out = await state.record(RULE, "counted-first", 503)  # neither counts nor resets
+    assert out.state is not None and out.state.misses == 1
+    clock.advance(1)
+    await miss(state, "new")  # over the bound: the key counted longest ago goes
+    assert (await state.record(RULE, "counted-first", 503)).state is None
+    assert (await state.record(RULE, "counted-next", 503)).state is not None
+
+
+async def test_a_key_unblocked_while_the_blocks_are_listed_is_left_out() -> None:
+    (rule,) = ruleset(rule_toml(threshold=1)).rules
+    state = MemoryState(clock=FakeClock())
+    for i in range(LIST_SLICE + 1):
+        await state.record(rule, f"t{i}", 404)
+    listing = asyncio.ensure_future(state.blocks())
+    await asyncio.sleep(0)  # the first slice is listed, then the event loop is let go
+    assert await state.unblock(rule.name, f"t{LIST_SLICE}")  # in the second slice
+    found = await listing
+    assert len(found) == LIST_SLICE
+    assert f"t{LIST_SLICE}" not in {b.task_id for b in found}

@@ -66,6 +66,13 @@ def test_every_key_is_read() -> None:
     assert rule.response.headers == (("Retry-After", "3600"),)
 
 
+def test_statuses_at_the_ends_of_their_ranges_are_taken() -> None:
+    for low, high in ((300, 200), (599, 599)):
+        text = rule_toml(miss_statuses=[low], response={"status": high})
+        rule = parse_rules([("r.toml", text)]).rules[0]
+        assert (rule.miss_statuses, rule.response.status) == (frozenset({low}), high)
+
+
 def test_durations_may_be_a_year_long() -> None:
     text = rule_toml(grace="365d", window="8760h", block_for="365d", probe_every="525600m")
     rule = parse_rules([("r.toml", text)]).rules[0]
@@ -147,6 +154,26 @@ def test_body_fills_the_task_id_json_escaped() -> None:
             id="methods-empty",
         ),
         pytest.param(
+            {"methods": ["GET", "G T"]},
+            f"{WHERE}: methods: must be a non-empty list of methods like [\"GET\"], got ['GET', 'G T']",
+            id="methods-not-a-token",
+        ),
+        pytest.param(
+            {"methods": ["GET", 1]},
+            f"{WHERE}: methods: must be a non-empty list of methods like [\"GET\"], got ['GET', 1]",
+            id="methods-not-a-string",
+        ),
+        pytest.param(
+            {"miss_statuses": [404, 600]},
+            f"{WHERE}: miss_statuses: must be a non-empty list of statuses from 300 to 599, got [404, 600]",
+            id="miss-above-599",
+        ),
+        pytest.param(
+            {"miss_statuses": [299]},
+            f"{WHERE}: miss_statuses: must be a non-empty list of statuses from 300 to 599, got [299]",
+            id="miss-below-300",
+        ),
+        pytest.param(
             {"miss_statuses": [200]},
             f"{WHERE}: miss_statuses: must be a non-empty list of statuses from 300 to 599, got [200]",
             id="miss-2xx",
@@ -167,9 +194,44 @@ def test_body_fills_the_task_id_json_escaped() -> None:
             id="path-partial-segment",
         ),
         pytest.param(
+            {"path": 1},
+            f"{WHERE}: path: must be a string, got 1",
+            id="path-not-string",
+        ),
+        pytest.param(
             {"path": "test/{task_id}"},
             f"{WHERE}: path: must start with '/', got 'test/{{task_id}}'",
             id="path-relative",
+        ),
+        pytest.param(
+            {"path": "/test/status/{task_id}/state?x=1"},
+            f"{WHERE}: path: must be a path without query or fragment, got '/test/status/{{task_id}}/state?x=1'",
+            id="path-query",
+        ),
+        pytest.param(
+            {"path": "/test/status/{task_id}/state#top"},
+            f"{WHERE}: path: must be a path without query or fragment, got '/test/status/{{task_id}}/state#top'",
+            id="path-fragment",
+        ),
+        pytest.param(
+            {"path": "/test/{status/{task_id}"},
+            f"{WHERE}: path: only {{task_id}} may be in braces, got '/test/{{status/{{task_id}}'",
+            id="path-open-brace",
+        ),
+        pytest.param(
+            {"path": "/test/status}/{task_id}"},
+            f"{WHERE}: path: only {{task_id}} may be in braces, got '/test/status}}/{{task_id}}'",
+            id="path-close-brace",
+        ),
+        pytest.param(
+            {"path": "/test/./{task_id}"},
+            f"{WHERE}: path: must not contain '.' or '..' segments, got '/test/./{{task_id}}'",
+            id="path-dot",
+        ),
+        pytest.param(
+            {"path": "/test/../{task_id}"},
+            f"{WHERE}: path: must not contain '.' or '..' segments, got '/test/../{{task_id}}'",
+            id="path-dot-dot",
         ),
         pytest.param(
             {"path": "/test/st%61tus/{task_id}"},
@@ -192,6 +254,21 @@ def test_body_fills_the_task_id_json_escaped() -> None:
             id="response-205",
         ),
         pytest.param(
+            {"response": {"status": 304}},
+            f"{WHERE}: response.status: must be a status from 200 to 599 that carries a body, got 304",
+            id="response-304",
+        ),
+        pytest.param(
+            {"response": {"status": 199}},
+            f"{WHERE}: response.status: must be a status from 200 to 599 that carries a body, got 199",
+            id="response-below-200",
+        ),
+        pytest.param(
+            {"response": {"status": 600}},
+            f"{WHERE}: response.status: must be a status from 200 to 599 that carries a body, got 600",
+            id="response-above-599",
+        ),
+        pytest.param(
             {"response": {"headers": {"Content-Length": "3"}}},
             f"{WHERE}: response.headers: 'Content-Length' is set by pollguard (use response.content_type for the type)",
             id="response-framing-header",
@@ -200,6 +277,21 @@ def test_body_fills_the_task_id_json_escaped() -> None:
             {"response": {"headers": {"x-POLLGUARD": "gone"}}},
             f"{WHERE}: response.headers: 'x-POLLGUARD' is set by pollguard (X-Pollguard: blocked, on every answer)",
             id="response-marker-header",
+        ),
+        pytest.param(
+            {"response": {"body": 1}},
+            f"{WHERE}: response.body: must be a string, got 1",
+            id="response-body-not-string",
+        ),
+        pytest.param(
+            {"response": {"headers": "no-store"}},
+            f'{WHERE}: response.headers: must be a table like {{ "Cache-Control" = "no-store" }}, got \'no-store\'',
+            id="response-headers-not-table",
+        ),
+        pytest.param(
+            {"response": {"headers": {"X A": "1"}}},
+            f"{WHERE}: response.headers: 'X A' is not a valid header name",
+            id="response-header-name",
         ),
         pytest.param(
             {"response": {"headers": {"X-A": "a\r\nb"}}},
@@ -247,6 +339,41 @@ def test_reserved_and_invalid_names() -> None:
     assert errors_of('[[rule]]\npath = "/a/{task_id}"\n') == [
         "r.toml: rule #1: name: missing (every rule needs a unique name)"
     ]
+    assert errors_of('[[rule]]\nname = 1\npath = "/a/{task_id}"\n') == [
+        f"r.toml: rule #1: name: {must}, got 1"
+    ]
+    assert errors_of(rule_toml(name="")) == [f"r.toml: rule #1: name: {must}, got ''"]
+
+
+def test_a_missing_path_and_a_response_that_is_no_table() -> None:
+    assert errors_of('[[rule]]\nname = "a"\n') == [
+        'r.toml: rule "a": path: missing (e.g. path = "/test/status/{task_id}")'
+    ]
+    assert errors_of(rule_toml() + 'response = "gone"\n') == [
+        f"{WHERE}: response: must be a table ([rule.response])"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        pytest.param(
+            {"threshold": 0}, "threshold: must be a positive integer, got 0", id="bad-value"
+        ),
+        pytest.param(
+            {"treshold": 3}, "unknown key 'treshold' (did you mean 'threshold'?)", id="typo"
+        ),
+        pytest.param(
+            {"response": {"stauts": 410}},
+            "unknown key 'response.stauts' (did you mean 'status'?)",
+            id="response-typo",
+        ),
+    ],
+)
+def test_a_refused_rule_hides_no_later_rule(keys: dict[str, object], message: str) -> None:
+    # no conclusion drawn from a rule that was not read (as for an unreadable file)
+    text = rule_toml(name="a", **keys) + rule_toml(name="b")  # type: ignore[arg-type]
+    assert errors_of(text) == [f'r.toml: rule "a": {message}']
 
 
 def test_every_error_is_reported_not_just_the_first() -> None:

@@ -10,7 +10,7 @@ from proxy.units import format_duration, parse_duration, parse_size
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("250ms", 0.25), ("30s", 30), ("10m", 600), ("1h", 3600), ("1d", 86400), ("1h30m", 5400),
-     ("0s", 0), ("1.5s", 1.5)],
+     ("0s", 0), ("1.5s", 1.5), (" 30s\n", 30)],
 )  # fmt: skip
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
