@@ -789,6 +789,49 @@ async def test_the_start_of_another_head_after_an_answer_never_reaches_the_next_
     assert [(conn, path) for conn, _, _, path in up.seen] == [(1, "/warm"), (1, "/a"), (2, "/b")]
 
 
+@pytest.mark.parametrize(
+    ("answer", "stray", "status"),
+    [
+        pytest.param(b"HTTP/1.1 103 Early Hints\r\n\r\n" + ok(b"ok"), b"HTTP/1.1 4", 200,
+                     id="interim-final-stray"),
+        pytest.param(b"\r\nHTTP/1.1 204 No Content\r\nETag: e\r\n\r\n", b"", 204,
+                     id="empty-line-then-204"),
+    ],
+)  # fmt: skip
+async def test_where_an_answer_ends_holds_wherever_the_reads_split_it(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect,
+    answer: bytes, stray: bytes, status: int,
+) -> None:  # fmt: skip
+    """The pool finds each answer's end itself: with the answer cut in two reads at every
+    byte, the status is right, and the connection is kept exactly when nothing came past.
+    (The stray comes with the answer's last read: one arriving after the connection went
+    to the next request is that request's answer, to any HTTP/1.1 client.)"""
+    kept = not stray
+    cuts = iter(range(1, len(answer)))
+    answer += stray
+
+    async def in_two_reads(request: Request) -> None:
+        if request.path != "/a":
+            request.writer.write(ok(request.path.encode()))
+            return
+        cut = next(cuts)
+        request.writer.write(answer[:cut])
+        await request.writer.drain()
+        await asyncio.sleep(0.005)
+        request.writer.write(answer[cut:])
+
+    up = await backend(in_two_reads)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    for _ in range(len(answer) - len(stray) - 1):
+        assert (await client.get("/a")).status == status
+        before = up.accepted
+        reply = await client.get("/next")
+        assert (reply.status, reply.body) == (200, b"/next")
+        assert (up.requests[-1].conn == up.requests[-2].conn) is kept, up.seen[-2:]
+        assert up.accepted == before + (not kept)
+
+
 async def test_a_live_task_is_not_blocked_by_404_heads_that_trail_its_200s(
     start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
 ) -> None:
