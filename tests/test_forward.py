@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import random
+import socket
 import time
 import tracemalloc
 from pathlib import Path
@@ -20,9 +21,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.settings import Address
 from tests.conftest import Connect, Running, StartPollguard
-from tests.rawhttp import RawResponse, Request, StartBackend, hang
-from tests.support import Upstream, free_port, pattern
+from tests.rawhttp import Conn, RawResponse, Request, StartBackend, hang
+from tests.support import Upstream, free_port, pattern, skip_unless_ci
 
 MiB = 1024 * 1024
 
@@ -69,14 +71,17 @@ FORWARDED = {"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Via"}
 # --- 1. headers ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("body", ["", "hello"], ids=["no-body", "body"])
 async def test_request_hop_by_hop_headers_are_dropped_and_end_to_end_ones_kept(
-    start_pollguard: StartPollguard, connect: Connect
+    start_pollguard: StartPollguard, connect: Connect, body: str
 ) -> None:
     pg = await start_pollguard()
+    method = "POST" if body else "GET"
+    length = f"Content-Length: {len(body)}\r\n" if body else ""
     seen = await echo(
         connect,
         pg,
-        "GET /echo/h HTTP/1.1\r\n"
+        f"{method} /echo/h HTTP/1.1\r\n"
         "Host: api.example.com\r\n"
         "Connection: keep-alive, Upgrade, X-Named-Hop\r\n"
         "X-Named-Hop: secret\r\n"
@@ -89,17 +94,20 @@ async def test_request_hop_by_hop_headers_are_dropped_and_end_to_end_ones_kept(
         "Authorization: Bearer token\r\n"
         "X-Multi: b\r\n"
         "Cookie: a=1\r\n"
-        "Accept: text/plain\r\n"
-        "\r\n",
+        f"Accept: text/plain\r\n{length}"
+        f"\r\n{body}",
     )
-    assert sorted((n, v) for n, v in seen["headers"] if n not in FORWARDED) == [
-        ("Accept", "text/plain"),
-        ("Authorization", "Bearer token"),
-        ("Cookie", "a=1"),
-        ("Host", "api.example.com"),
-        ("X-Multi", "a"),
-        ("X-Multi", "b"),
-    ]
+    assert sorted((n, v) for n, v in seen["headers"] if n not in FORWARDED) == sorted(
+        [
+            ("Accept", "text/plain"),
+            ("Authorization", "Bearer token"),
+            ("Cookie", "a=1"),
+            ("Host", "api.example.com"),
+            ("X-Multi", "a"),
+            ("X-Multi", "b"),
+        ]
+        + ([("Content-Length", str(len(body)))] if body else [])
+    )
     assert header_values(seen, "X-Multi") == ["a", "b"]
 
 
@@ -237,15 +245,50 @@ async def test_a_forwarded_field_received_gets_pollguards_element_appended(
     ]
 
 
+async def test_an_ipv6_peer_is_bracketed_and_quoted_in_forwarded(
+    start_pollguard: StartPollguard,
+) -> None:
+    """RFC 7239 6: an IPv6 node is in brackets, and quoted for its colons."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        skip_unless_ci("no IPv6 loopback on this machine")
+    pg = await start_pollguard(listen=Address("::1", 0))
+    assert pg.pg.proxy_address is not None
+    reader, writer = await asyncio.open_connection("::1", pg.pg.proxy_address.port)
+    try:
+        conn = Conn(reader, writer)
+        for body in ("", "hello"):  # both forms of the rules: lean, and aiohttp's client
+            method = "POST" if body else "GET"
+            length = f"Content-Length: {len(body)}\r\n" if body else ""
+            await conn.send(
+                f"{method} /echo HTTP/1.1\r\nHost: h\r\nForwarded: for=203.0.113.7\r\n"
+                f"{length}\r\n{body}".encode()
+            )
+            resp = await conn.response()
+            assert resp.status == 200, resp
+            seen = json.loads(resp.body)
+            assert header_values(seen, "Forwarded") == [
+                'for=203.0.113.7, for="[::1]";proto=http;host="h"'
+            ]
+            assert header_values(seen, "X-Forwarded-For") == ["::1"]
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("size", [2, 100_000], ids=["read-whole", "streamed"])
 async def test_response_hop_by_hop_headers_are_dropped_and_repeated_ones_kept(
     start_pollguard: StartPollguard, backend: StartBackend,
-    connect: Connect,
+    connect: Connect, size: int,
 ) -> None:  # fmt: skip
+    body = b"o" * size
+
     async def answer(request: Request) -> None:
         w = request.writer
         w.write(
             b"HTTP/1.1 200 OK\r\n"
-            b"Content-Length: 2\r\n"
+            b"Content-Length: %d\r\n"
             b"Connection: X-Named-Hop\r\n"
             b"X-Named-Hop: 1\r\n"
             b"Keep-Alive: timeout=5, max=100\r\n"
@@ -256,7 +299,7 @@ async def test_response_hop_by_hop_headers_are_dropped_and_repeated_ones_kept(
             b"Set-Cookie: b=2; Path=/\r\n"
             b"X-End: kept\r\n"
             b"Via: 1.1 backend\r\n"
-            b"\r\nok"
+            b"\r\n%s" % (size, body)
         )
 
     up = await backend(answer)
@@ -264,7 +307,7 @@ async def test_response_hop_by_hop_headers_are_dropped_and_repeated_ones_kept(
     resp = await exchange(connect, pg, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
 
     assert resp.status == 200
-    assert resp.body == b"ok"
+    assert resp.body == body
     assert resp.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
     assert resp.get("X-End") == "kept"
     assert resp.getall("Via") == ["1.1 backend, 1.1 pollguard"]

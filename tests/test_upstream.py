@@ -124,6 +124,20 @@ async def test_concurrent_gets_open_a_connection_each_and_all_are_kept(
     assert sorted(conn for conn, nth, _, _ in up.seen if nth == 2) == [1, 2, 3, 4]
 
 
+async def test_a_connection_idle_in_the_pool_past_upstream_timeout_still_serves(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    """--upstream-timeout bounds the wait for an answer from its request: a pooled
+    connection's next request, however long after the last answer, is timed afresh."""
+    up = await backend(by_path)
+    pg = await through(start_pollguard, up, upstream_timeout=0.3)
+    for i in range(3):
+        reply = await (await connect(pg)).get(f"/r{i}")
+        assert (reply.status, reply.body) == (200, f"/r{i}".encode())
+        await asyncio.sleep(0.5)  # idle in the pool past the upstream timeout
+    assert up.accepted == 1
+
+
 async def test_one_connection_carries_answers_of_every_framing_in_turn(
     start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
 ) -> None:
@@ -216,6 +230,21 @@ async def test_a_get_on_a_connection_closed_as_it_was_reused_is_retried_once(
     reply = await client.get("/third", "HEAD")  # HEAD is idempotent too
     assert (reply.status, reply.get("Content-Length")) == (200, "6")
     assert up.seen[-2:] == [(2, 2, "HEAD", "/third"), (3, 1, "HEAD", "/third")]
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "TRACE", "PUT", "DELETE"])
+async def test_every_idempotent_method_is_retried_once_as_get_is(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, method: str
+) -> None:
+    """RFC 9110 9.2.2: the idempotent methods are GET, HEAD, OPTIONS, TRACE, PUT and DELETE;
+    each, bodiless, is sent again on a fresh connection when the kept one was lost."""
+    up = await backend(closes_when_reused("fin"))
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    assert (await client.get("/first")).body == b"/first"
+    reply = await client.get("/again", method)
+    assert (reply.status, reply.body) == (200, b"/again")
+    assert up.seen[1:] == [(1, 2, method, "/again"), (2, 1, method, "/again")]
 
 
 @pytest.mark.parametrize("how", ["fin", "rst"])
@@ -463,6 +492,7 @@ async def test_an_idle_pooled_connection_that_receives_an_unasked_answer_is_not_
     await asyncio.sleep(0.05)  # the extra bytes reach pollguard's idle connection
     reply = await client.get("/second")
     assert (reply.status, reply.body) == (200, b"/second")
+    assert up.seen[-1] == (2, 1, "GET", "/second")  # on a new connection
 
 
 # --- 6. what Relayed puts on the wire ---------------------------------------------------
@@ -717,6 +747,32 @@ async def test_a_body_sent_with_a_204_or_304_anyway_is_dropped_not_a_502(
     assert up.accepted == 3  # the GET's connection kept, neither 204's nor 304's
 
 
+@pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
+async def test_an_answer_after_a_bodiless_one_whose_head_came_in_two_reads_keeps_its_body(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, status: bytes
+) -> None:
+    """A 204's or 304's head split across reads, then a 200 on the same kept connection:
+    the pool scans the 200's head afresh, not behind what was left of the last one (its
+    status read as the 200's would cut the 200 at its head)."""
+    bodiless = b'HTTP/1.1 %s\r\nETag: "e"\r\n\r\n' % status
+
+    async def split_once(request: Request) -> None:
+        if request.path != "/none":
+            await by_path(request)
+        else:
+            await write_in_shape(request, bodiless, "head-split-at-its-end")
+
+    up = await backend(split_once)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    for _ in range(2):
+        reply = await client.get("/none")
+        assert (reply.status, reply.get("ETag")) == (int(status[:3]), '"e"')
+        reply = await client.get("/g")
+        assert (reply.status, reply.body) == (200, b"/g")
+    assert up.accepted == 1
+
+
 # --- 8. a body delimited by the close ---------------------------------------------------
 
 
@@ -768,6 +824,7 @@ STRAY = b"HTTP/1.1 302 Found\r\nSet-Cookie: session=user-a\r\nX-Stray: "
         pytest.param(ok(b"mine") + STRAY, id="small-answer"),
         pytest.param(ok(b"m" * 300_000) + STRAY, id="streamed-answer"),
         pytest.param(b"\r\nHTTP/1.1 204 No Content\r\n\r\n" + STRAY, id="204-after-an-empty-line"),
+        pytest.param(b"\nHTTP/1.1 204 No Content\r\n\r\n" + STRAY, id="204-after-a-bare-lf"),
         pytest.param(b"\r\n" + ok(b"mine") + STRAY, id="200-after-an-empty-line"),
     ],
 )  # fmt: skip
@@ -830,6 +887,75 @@ async def test_where_an_answer_ends_holds_wherever_the_reads_split_it(
         assert (reply.status, reply.body) == (200, b"/next")
         assert (up.requests[-1].conn == up.requests[-2].conn) is kept, up.seen[-2:]
         assert up.accepted == before + (not kept)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"line one\r\n\r\nline two", id="blank-line"),
+        pytest.param(b"HTTP/1.1 204 No Content\r\nETag: e\r\n\r\nand more", id="message-http"),
+    ],
+)  # fmt: skip
+async def test_a_body_that_reads_like_a_head_is_a_body_and_its_connection_is_kept(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, body: bytes
+) -> None:
+    """Once an answer's head is found, nothing after it is read as a head: a body with a
+    blank line in it, or an HTTP message (message/http, as a TRACE's answer), arriving in
+    a read of its own, is relayed whole and ends where its Content-Length says."""
+
+    async def answer(request: Request) -> None:
+        if request.path != "/msg":
+            await by_path(request)
+            return
+        request.writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: message/http\r\nContent-Length: %d\r\n\r\n"
+            % len(body)
+        )
+        await request.writer.drain()
+        await asyncio.sleep(0.05)
+        request.writer.write(body)
+
+    up = await backend(answer)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    for _ in range(2):
+        reply = await client.get("/msg")
+        assert (reply.status, reply.body) == (200, body)
+        reply = await client.get("/next")
+        assert (reply.status, reply.body) == (200, b"/next")
+    assert up.accepted == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", id="content-length"),
+        pytest.param(b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n2\r\nok\r\n0\r\n\n",
+                     id="chunked"),
+    ],
+)  # fmt: skip
+async def test_an_answer_whose_head_ends_in_bare_lfs_is_relayed_and_its_connection_not_kept(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, answer: bytes
+) -> None:
+    """aiohttp's parser takes lines that end in a bare LF; the pool counts from the CRLF
+    CRLF it finds itself, so where such an answer ends, and whether more came after it,
+    it cannot tell (overran()): the answer is relayed, its connection not kept."""
+
+    async def lf_once(request: Request) -> None:
+        request.writer.write(answer if request.path == "/lf" else ok(request.path.encode()))
+
+    up = await backend(lf_once)
+    pg = await through(start_pollguard, up)
+    client = await connect(pg)
+    assert (await client.get("/warm")).body == b"/warm"
+    reply = await client.get("/lf")
+    assert (reply.status, reply.body) == (200, b"ok")
+    for path in ("/b", "/c"):
+        reply = await client.get(path)
+        assert (reply.status, reply.body) == (200, path.encode())
+    assert [(conn, path) for conn, _, _, path in up.seen] == [
+        (1, "/warm"), (1, "/lf"), (2, "/b"), (2, "/c"),
+    ]  # fmt: skip
 
 
 async def test_a_live_task_is_not_blocked_by_404_heads_that_trail_its_200s(
@@ -1034,14 +1160,18 @@ async def test_pool_drops_connections_idle_past_keepalive_timeout(backend: Start
     pool = UpstreamPool(
         "127.0.0.1", up.port, connect_timeout=1, read_timeout=1, keepalive_timeout=0.1
     )
+    used = []
     try:
         for pause in (0, 0.2, 0):
             await asyncio.sleep(pause)
             proto, message, payload = await pool.exchange("GET", HEAD)
             assert (message.code, await payload.read()) == (200, b"/p")
             pool.release(proto, 2)
+            used.append(proto)
+        assert not used[0].is_connected()  # the expired one is closed, not just left behind
     finally:
         pool.close()
+    assert not used[-1].is_connected()  # close() closes the idle ones too
     assert [(conn, nth) for conn, nth, _, _ in up.seen] == [(1, 1), (2, 1), (2, 2)]
 
 
@@ -1078,3 +1208,98 @@ async def test_pool_keeps_at_most_max_idle_and_closes_an_unread_answer(
         assert up.accepted == 4
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_pool_closes_a_bodiless_answers_connection_when_a_body_came_after_its_head(
+    backend: StartBackend, method: str
+) -> None:
+    """A 204's (or a HEAD's) answer ends at its head: bytes that come after it in a read
+    of their own, before the connection is released, are more than the answer (overran()):
+    the parser would take them for the start of the next answer, another client's."""
+
+    async def late_body(request: Request) -> None:
+        if request.path == "/p":
+            request.writer.write(ok(b"/p"))
+            return
+        status = b"204 No Content" if request.method == "GET" else b"200 OK"
+        request.writer.write(b"HTTP/1.1 %s\r\nContent-Length: 5\r\n\r\n" % status)
+        await request.writer.drain()
+        await asyncio.sleep(0.05)
+        request.writer.write(STRAY)  # the start of a head: the parser would wait for the rest
+        up.notes.append("more sent")
+
+    up = await backend(late_body)
+    pool = UpstreamPool("127.0.0.1", up.port, connect_timeout=1, read_timeout=1)
+    try:
+        late = f"{method} /late HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        proto, message, _ = await pool.exchange(method, late)
+        assert message.code == (204 if method == "GET" else 200)
+        await wait_for(lambda: bool(up.notes))
+        await asyncio.sleep(0.05)  # they reach the connection before its release
+        pool.release(proto, 5)
+        assert not proto.is_connected()
+        proto, message, payload = await pool.exchange("GET", HEAD)
+        assert (message.code, await payload.read()) == (200, b"/p")
+        pool.release(proto, 2)
+    finally:
+        pool.close()
+    assert [(conn, path) for conn, _, _, path in up.seen] == [(1, "/late"), (2, "/p")]
+
+
+class CountedPool(UpstreamPool):
+    """An UpstreamPool that counts its sweeps."""
+
+    sweeps = 0
+
+    def _sweep(self) -> None:
+        self.sweeps += 1
+        super()._sweep()
+
+
+async def test_pool_runs_one_sweep_however_many_answers_it_waits_for(
+    backend: StartBackend,
+) -> None:
+    """One timer, every tick (an eighth of the read timeout), times out the late answers
+    of every connection: not one per request sent while others wait."""
+
+    async def slow(request: Request) -> None:
+        await asyncio.sleep(0.4)
+        request.writer.write(ok(b"/p"))
+
+    up = await backend(slow)
+    pool = CountedPool("127.0.0.1", up.port, connect_timeout=1, read_timeout=0.8)  # 0.1 s ticks
+
+    async def one(delay: float) -> None:
+        await asyncio.sleep(delay)
+        proto, _, payload = await pool.exchange("GET", HEAD)
+        assert await payload.read() == b"/p"
+        pool.release(proto, 2)
+
+    try:
+        await asyncio.gather(*(one(i * 0.02) for i in range(10)))  # ~0.6 s of waiting
+    finally:
+        pool.close()
+    assert up.accepted == 10
+    assert 3 <= pool.sweeps <= 9, pool.sweeps
+
+
+async def test_pool_sweeps_at_least_once_a_second_however_long_its_timeout(
+    backend: StartBackend,
+) -> None:
+    """The sweep runs every eighth of the read timeout, but at least once a second (README:
+    10 ms to a second), so a late answer's 504 comes at most a second after its deadline."""
+
+    async def slow(request: Request) -> None:
+        await asyncio.sleep(1.3)
+        request.writer.write(ok(b"/p"))
+
+    up = await backend(slow)
+    pool = CountedPool("127.0.0.1", up.port, connect_timeout=1, read_timeout=16)
+    try:
+        proto, _, payload = await pool.exchange("GET", HEAD)
+        assert await payload.read() == b"/p"
+        pool.release(proto, 2)
+    finally:
+        pool.close()
+    assert pool.sweeps == 1
