@@ -266,6 +266,15 @@ def skip_unless_ci(message: str) -> NoReturn:
     pytest.skip(message)
 
 
+def require_ipv6_loopback() -> None:
+    """Skips without an IPv6 loopback (::1) to bind, except under CI=true (fails)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        skip_unless_ci("no IPv6 loopback on this machine")
+
+
 def require_tool(name: str, package: str) -> str:
     """The tool's path; skips with the package to install, except under CI=true (fails)."""
     path = shutil.which(name)

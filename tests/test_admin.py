@@ -20,7 +20,7 @@ from proxy.state import Block
 from proxy.state.memory import MemoryState
 from tests.conftest import Running, StartPollguard
 from tests.rawhttp import Conn
-from tests.support import Upstream, rule_toml, ruleset, skip_unless_ci
+from tests.support import Upstream, require_ipv6_loopback, rule_toml, ruleset, skip_unless_ci
 
 TOKEN = "s3cret-token"
 BLOCKING = ruleset(
@@ -321,11 +321,7 @@ async def test_without_a_token_admin_answers_only_loopback_peers(
 async def test_ipv6_loopback_is_loopback(
     start_pollguard: StartPollguard, http: aiohttp.ClientSession
 ) -> None:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        skip_unless_ci("no IPv6 loopback on this machine")
+    require_ipv6_loopback()
     pg = await start_pollguard(admin_listen=Address("::1", 0))
     status, body, _ = await call(http, "GET", admin_url(pg, "/admin/blocks"))
     assert (status, body) == (200, {"blocks": []})

@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import json
 import random
-import socket
 import time
 import tracemalloc
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 from proxy.settings import Address
 from tests.conftest import Connect, Running, StartPollguard
 from tests.rawhttp import Conn, RawResponse, Request, StartBackend, hang
-from tests.support import Upstream, free_port, pattern, skip_unless_ci
+from tests.support import Upstream, free_port, pattern, require_ipv6_loopback
 
 MiB = 1024 * 1024
 
@@ -249,11 +248,7 @@ async def test_an_ipv6_peer_is_bracketed_and_quoted_in_forwarded(
     start_pollguard: StartPollguard,
 ) -> None:
     """RFC 7239 6: an IPv6 node is in brackets, and quoted for its colons."""
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        skip_unless_ci("no IPv6 loopback on this machine")
+    require_ipv6_loopback()
     pg = await start_pollguard(listen=Address("::1", 0))
     assert pg.pg.proxy_address is not None
     reader, writer = await asyncio.open_connection("::1", pg.pg.proxy_address.port)
