@@ -21,9 +21,10 @@ from proxy.request import ProxyRequest
 from proxy.rulefiles import load_rules
 from proxy.rules import RuleSet
 from proxy.serving import ProxyServer
-from proxy.settings import Address, Settings, redacted
+from proxy.settings import Settings
 from proxy.state import Clock, StateStore
 from proxy.state.memory import MemoryState
+from proxy.values import Address, redacted
 
 log = logging.getLogger("pollguard")
 

@@ -19,15 +19,8 @@ from proxy.errors import ConfigError, RulesError
 from proxy.process import ignore_until_running, serve
 from proxy.rulefiles import load_rules
 from proxy.rules import RuleSet, doubts
-from proxy.settings import (
-    SERVE_OPTIONS,
-    Settings,
-    build_settings,
-    parse_option,
-    parse_path,
-    positive_int,
-    read_option,
-)
+from proxy.settings import SERVE_OPTIONS, Settings, build_settings, parse_option, read_option
+from proxy.values import parse_path, positive_int
 
 EXIT_OK, EXIT_FOUND_ERRORS, EXIT_USAGE = 0, 1, 2
 # The demo's restart comes at 35% of the run and a lost task needs three polls (0.3 s
@@ -209,7 +202,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
     from proxy.sample_backend import run_backend
-    from proxy.settings import parse_address
+    from proxy.values import parse_address
 
     if args.backend_only:
         try:

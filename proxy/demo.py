@@ -30,7 +30,8 @@ from proxy.matching import Matcher
 from proxy.rulefiles import load_rules, parse_rules
 from proxy.rules import RuleSet
 from proxy.sample_backend import SampleBackend
-from proxy.settings import Address, Settings
+from proxy.settings import Settings
+from proxy.values import Address
 
 DEMO_ROUTE = ("GET", "/test/status/demo")
 LOOPBACK = "127.0.0.1"

@@ -30,7 +30,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from proxy.errors import ConfigError, os_reason
-from proxy.settings import Address
+from proxy.values import Address
 
 V = TypeVar("V")
 MAX_TASKS = 100_000  # the oldest are forgotten first: a public port cannot fill the memory

@@ -25,7 +25,8 @@ from dataclasses import replace
 
 from proxy.errors import ConfigError, os_reason
 from proxy.process import ignore_until_running
-from proxy.settings import Address, Settings
+from proxy.settings import Settings
+from proxy.values import Address
 
 log = logging.getLogger("pollguard.workers")
 

@@ -15,10 +15,11 @@ from yarl import URL
 from proxy.app import Pollguard
 from proxy.rulefiles import load_rules
 from proxy.rules import RuleSet
-from proxy.settings import Address, Settings
+from proxy.settings import Settings
 from proxy.state import StateStore
 from proxy.state.memory import MemoryState
 from proxy.state.redis import RedisState
+from proxy.values import Address
 from tests.processes import RedisServer
 from tests.rawhttp import Answer, Backend, Conn, StartBackend
 from tests.support import FakeClock, Upstream, require_tool, ruleset

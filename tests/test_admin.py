@@ -15,9 +15,9 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.admin import LIST_SLICE
-from proxy.settings import Address
 from proxy.state import Block
 from proxy.state.memory import MemoryState
+from proxy.values import Address
 from tests.conftest import Running, StartPollguard
 from tests.rawhttp import Conn
 from tests.support import Upstream, require_ipv6_loopback, rule_toml, ruleset, skip_unless_ci

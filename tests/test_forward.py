@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.settings import Address
+from proxy.values import Address
 from tests.conftest import Connect, Running, StartPollguard
 from tests.rawhttp import Conn, RawResponse, Request, StartBackend, hang
 from tests.support import Upstream, free_port, pattern, require_ipv6_loopback

@@ -19,7 +19,8 @@ from proxy.app import Pollguard
 from proxy.errors import ConfigError
 from proxy.logs import FLUSH_EVERY, access_logger, timestamp
 from proxy.relay import Relayed
-from proxy.settings import Address, Settings
+from proxy.settings import Settings
+from proxy.values import Address
 from tests.conftest import StartPollguard
 from tests.support import Upstream, rule_toml, ruleset
 

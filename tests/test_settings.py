@@ -10,11 +10,9 @@ import pytest
 
 from proxy.cli import build_parser, serve_settings
 from proxy.errors import ConfigError
-from proxy.settings import (
-    SERVE_OPTIONS,
+from proxy.settings import SERVE_OPTIONS, build_settings, env_value
+from proxy.values import (
     Address,
-    build_settings,
-    env_value,
     parse_address,
     parse_admin_token,
     parse_state_url,

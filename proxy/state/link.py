@@ -35,8 +35,8 @@ except ImportError:  # older redis-py: no such notifications, the check always r
     _NO_MAINT = {}
 
 from proxy.errors import ConfigError, StateError
-from proxy.settings import redacted
 from proxy.state.circuit import Circuit
+from proxy.values import redacted
 
 log = logging.getLogger("pollguard.state")
 

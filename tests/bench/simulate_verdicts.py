@@ -50,8 +50,9 @@ from yarl import URL
 from proxy.app import Pollguard
 from proxy.rulefiles import load_rules
 from proxy.rules import RuleSet
-from proxy.settings import Address, Settings
+from proxy.settings import Settings
 from proxy.units import format_duration, parse_duration
+from proxy.values import Address
 from tests.support import EPOCH, FakeClock, rule_toml, ruleset
 
 REPO = Path(__file__).resolve().parents[2]
