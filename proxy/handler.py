@@ -11,8 +11,9 @@ from proxy.errors import StateError
 from proxy.forward import Forwarder
 from proxy.guard import Action
 from proxy.matching import Matcher
-from proxy.metrics import NO_RULE, Metrics, RuleMetrics
+from proxy.metrics import NO_RULE, Metrics
 from proxy.request import ProxyRequest
+from proxy.rulemetrics import RuleMetrics
 from proxy.rules import Rule, RuleSet
 from proxy.state import StateStore
 

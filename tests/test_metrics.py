@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import DURATION_BUCKETS, Metrics, RuleMetrics
+from proxy.metrics import Metrics
+from proxy.rulemetrics import DURATION_BUCKETS, RuleMetrics
 from proxy.state.redis import RedisState
 from tests.conftest import Connect, StartPollguard
 from tests.support import Upstream, free_port, rule_toml, ruleset
