@@ -16,7 +16,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 
 from proxy.headers import RawHeaders, response_fields, response_headers
-from proxy.upstream import UpstreamConnection
+from proxy.upstreamconn import UpstreamConnection
 from proxy.wire import WireResponse, connection_line, date_line
 
 # Bodies up to this size are read whole and sent in one write (nginx's proxy_buffering
