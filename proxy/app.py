@@ -196,8 +196,11 @@ class Pollguard:
         The runners close in the order they were bound: the proxy port first, then the
         admin port, so that /healthz, /readyz (503 "draining") and /metrics answer for as
         long as requests are still being served, and a scrape during the drain counts them.
+        WebSocket sessions are not waited for: they have no end of their own, and would
+        hold the drain to its timeout. They close at once, with 1001 (websocket.pump()).
         """
         self.draining = True
+        self.forwarder.going_away.set()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()

@@ -101,6 +101,7 @@ class Forwarder:
         self._relay = Relay(timeout, client_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None
+        self.going_away = asyncio.Event()  # set as a drain begins: WebSocket sessions close
         # nginx's error log names each upstream failure; an outage fails every request
         self._failures = Throttled(
             "upstream_failed", "upstream request failed", "failed_unlogged_since_last"
@@ -183,10 +184,10 @@ class Forwarder:
         if sum(len(name) + len(value) + 4 for name, value in headers.items()) > MAX_HEAD_FIELDS:
             return Forwarded(too_large_head(), None, None)
         if websocket:
-            timeout = self._client_timeout
             relayed = await relay_websocket(
-                self.session, self._relay, request, url, headers, timeout, self.failed
-            )
+                self.session, self._relay, request, url, headers, self._client_timeout,
+                self.failed, self.going_away,
+            )  # fmt: skip
             return Forwarded(*relayed)
 
         body: AsyncIterator[bytes] | None = None

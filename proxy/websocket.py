@@ -8,7 +8,8 @@ followed, and relays any answer but 101 as it came (RFC 6455 4.1: it is an HTTP 
 like any other). On a 101, `client_websocket()` does what `ws_connect()` does after its request
 (aiohttp 3.14, `ClientSession._ws_connect`): check the handshake, then read and write
 frames on the connection; those internals are why pyproject.toml pins aiohttp below 3.15.
-`pump()` then copies messages between the client's WebSocket and the upstream's.
+`pump()` then copies messages between the client's WebSocket and the upstream's, until
+either side closes or a drain begins.
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ async def relay_websocket(
     headers: CIMultiDict[str],
     client_timeout: float,
     failed: Callable[[web.BaseRequest, BaseException], web.Response],
+    going_away: asyncio.Event,
 ) -> tuple[web.StreamResponse, int | None, int | None]:
     """The handshake as an ordinary request, its redirects passed on, never followed
     (the module's docstring says why): any answer but 101 is relayed as it came, a 101
-    opens a WebSocket on each side and the messages are copied between them. Returns
+    opens a WebSocket on each side and the messages are copied between them until
+    either side closes, or `going_away` is set (pump()). Returns
     forward.Forwarded's fields: the answer, the upstream's status (None when pollguard
     answered), the nanoseconds until the upstream's head."""
     protocols = [
@@ -102,7 +105,7 @@ async def relay_websocket(
     async with up:
         await down.prepare(request)
         try:
-            await pump(down, up)
+            await pump(down, up, going_away)
         except asyncio.CancelledError:
             # The client's connection was lost (no close frame: a phone out of coverage),
             # or the drain ran out: the session happened, its 101 went out, so it ends as
@@ -152,8 +155,12 @@ def client_websocket(
     return ws
 
 
-async def pump(down: web.WebSocketResponse, up: aiohttp.ClientWebSocketResponse) -> None:
-    """Copy frames both ways until either side closes; then close both with its code."""
+async def pump(
+    down: web.WebSocketResponse, up: aiohttp.ClientWebSocketResponse, going_away: asyncio.Event
+) -> None:
+    """Copy frames both ways until either side closes, then close both with its code; or
+    until a drain begins (`going_away`), then close both with 1001 (going away): told at
+    once to reconnect elsewhere, not cut without a close frame when the drain runs out."""
 
     async def copy(
         src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
@@ -171,13 +178,17 @@ async def pump(down: web.WebSocketResponse, up: aiohttp.ClientWebSocketResponse)
 
     from_down = asyncio.ensure_future(copy(down, up))
     from_up = asyncio.ensure_future(copy(up, down))
+    drain = asyncio.ensure_future(going_away.wait())
     try:
-        await asyncio.wait((from_down, from_up), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((from_down, from_up, drain), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        from_down.cancel()
-        from_up.cancel()
-        await asyncio.gather(from_down, from_up, return_exceptions=True)
-    code = (down if from_down.done() and not from_down.cancelled() else up).close_code
+        for task in (from_down, from_up, drain):
+            task.cancel()
+        await asyncio.gather(from_down, from_up, drain, return_exceptions=True)
+    if from_down.cancelled() and from_up.cancelled():  # neither side closed: the drain began
+        code: int | None = aiohttp.WSCloseCode.GOING_AWAY
+    else:
+        code = (down if from_down.done() and not from_down.cancelled() else up).close_code
     if code is None or code == 1005:  # no status given
         code = aiohttp.WSCloseCode.OK
     elif code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE:  # lost connection: not for the wire

@@ -383,6 +383,39 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
     assert 0.3 <= events[-1]["drained_in_s"] < 10  # it waited for the request upstream
 
 
+async def test_sigterm_closes_a_websocket_session_with_1001_at_once_and_logs_it(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """A WebSocket session has no end a drain could wait for: it held the process for all
+    of --drain-timeout, then was cut, its client without a close frame, and no log line."""
+    log = tmp_path / "access.log"
+    proc = await ServeProcess(
+        "--upstream", upstream.url, "--rules", f"{REPO}/rules", "--drain-timeout", "30s",
+        "--access-log", str(log), logs=str(tmp_path),
+    ).start()  # fmt: skip
+    going_away = aiohttp.WSCloseCode.GOING_AWAY
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(10):
+            ws = await http.ws_connect(proc.base + "/ws/close")
+            await ws.send_str("hi")
+            assert await ws.receive_str() == "hi"
+            assert proc.proc is not None
+            proc.proc.send_signal(signal.SIGTERM)
+            msg = await ws.receive()
+            assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, going_away)
+            while not upstream.ws_closes:
+                await asyncio.sleep(0.01)
+        assert await proc.stop(signal_sent=True) == 0
+    finally:
+        await proc.kill()
+    assert upstream.ws_closes == [going_away]
+    events = [json.loads(line) for line in proc.stderr().splitlines()]
+    assert [e["event"] for e in events if "event" in e] == ["started", "stopping", "stopped"]
+    assert events[-1]["drained_in_s"] < 5  # not the 30 s of --drain-timeout
+    [line] = log.read_text().splitlines()
+    assert json.loads(line)["status"] == 101
+
+
 @pytest.mark.parametrize("signo", [signal.SIGHUP, signal.SIGUSR1], ids=["HUP", "USR1"])
 async def test_a_sighup_or_sigusr1_while_serve_starts_up_does_not_end_it(
     upstream: Upstream, tmp_path: Path, signo: signal.Signals

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy.values import Address
 from tests.conftest import Connect, Running, StartPollguard
@@ -1028,6 +1029,78 @@ async def test_a_websocket_session_whose_client_vanishes_is_still_counted_and_lo
         while len(lines := log.read_text().splitlines()) < 2:
             await asyncio.sleep(0.05)
     assert [json.loads(line)["status"] for line in lines] == [101, 101]
+
+
+async def test_a_drain_closes_a_websocket_session_with_1001_and_counts_and_logs_it(
+    start_pollguard: StartPollguard, upstream: Upstream, http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """A session has no end a drain could wait for: it held stop() for all of
+    --drain-timeout, then was cut without a close frame, a count or a log line."""
+    log = tmp_path / "access.log"
+    running = await start_pollguard(access_log=str(log), drain_timeout=10.0)
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(15):
+        ws = await http.ws_connect(running.url("/ws/close"))
+        await ws.send_str("hi")
+        assert await ws.receive_str() == "hi"
+        began = loop.time()
+        stopping = asyncio.ensure_future(running.pg.stop())
+        msg = await ws.receive()
+        await stopping
+        while not upstream.ws_closes:
+            await asyncio.sleep(0.01)
+    took = loop.time() - began
+    assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.GOING_AWAY)
+    assert upstream.ws_closes == [aiohttp.WSCloseCode.GOING_AWAY]
+    assert took < 5, took  # at the drain's start, not its end (before: 10 s)
+    [line] = log.read_text().splitlines()
+    assert json.loads(line)["status"] == 101
+    outcome = {"rule": "none", "outcome": "forwarded"}
+    assert running.pg.registry.get_sample_value("pollguard_requests_total", outcome) == 1
+
+
+async def test_a_websocket_handshake_upstream_as_the_drain_begins_is_closed_after_its_101(
+    start_pollguard: StartPollguard, aiohttp_server: Any, http: aiohttp.ClientSession
+) -> None:
+    """The drain's close reaches a session that opens after it began, not only those
+    already open: else this one would hold the drain to its end."""
+    reached, go = asyncio.Event(), asyncio.Event()
+    closes: list[int | None] = []
+
+    async def held_handshake(request: web.Request) -> web.WebSocketResponse:
+        reached.set()
+        await go.wait()
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        closes.append(ws.close_code)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", held_handshake)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    running = await start_pollguard(
+        upstream_url=str(server.make_url("/")).rstrip("/"), drain_timeout=10.0
+    )
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(15):
+        opening = asyncio.ensure_future(http.ws_connect(running.url("/ws")))
+        await reached.wait()
+        began = loop.time()
+        stopping = asyncio.ensure_future(running.pg.stop())
+        while not running.pg.draining:
+            await asyncio.sleep(0.01)
+        go.set()
+        ws = await opening
+        msg = await ws.receive()
+        await stopping
+        while not closes:
+            await asyncio.sleep(0.01)
+    assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.GOING_AWAY)
+    assert closes == [aiohttp.WSCloseCode.GOING_AWAY]
+    assert loop.time() - began < 5  # before: the 10 s of drain_timeout
 
 
 def ws_handshake(path: str) -> bytes:
