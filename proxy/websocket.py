@@ -24,6 +24,7 @@ from time import perf_counter_ns
 import aiohttp
 from aiohttp import web
 from aiohttp._websocket.reader import WebSocketDataQueue  # where ws_connect() takes it from
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http import WS_KEY, WebSocketReader, WebSocketWriter
@@ -95,7 +96,7 @@ async def relay_websocket(
         return error_response(502, "upstream WebSocket handshake invalid"), None, None
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:  # Forwarder.failed()
         return failed(request, exc), None, None
-    down = web.WebSocketResponse(
+    down = ClientSide(
         protocols=(up.protocol,) if up.protocol else (),
         timeout=client_timeout,  # for the client's answer to a close
         autoclose=False,
@@ -115,6 +116,25 @@ async def relay_websocket(
             if task is None or task.uncancel() > 0:
                 raise
     return down, 101, elapsed
+
+
+class ClientSide(web.WebSocketResponse):
+    """The client's end of a relayed session. Its body_length, the access log's `bytes`,
+    is the 101's head and the payload of every message relayed to the client: aiohttp's
+    is 0 for a WebSocket, whose frames do not go through the answer's writer. Frame
+    headers are not counted, nor what permessage-deflate saves."""
+
+    head_size = 0
+    relayed = 0
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter:
+        writer = await super().prepare(request)
+        self.head_size = writer.output_size
+        return writer
+
+    @property
+    def body_length(self) -> int:
+        return self.head_size + self.relayed
 
 
 def client_websocket(
@@ -169,12 +189,20 @@ async def pump(
         async for msg in src:  # ends on a close from src, or on its connection's loss
             if msg.type is aiohttp.WSMsgType.TEXT:
                 await dst.send_str(msg.data)
+                size = len(msg.data.encode())
             elif msg.type is aiohttp.WSMsgType.BINARY:
                 await dst.send_bytes(msg.data)
+                size = len(msg.data)
             elif msg.type is aiohttp.WSMsgType.PING:
                 await dst.ping(msg.data)
+                size = len(msg.data)
             elif msg.type is aiohttp.WSMsgType.PONG:
                 await dst.pong(msg.data)
+                size = len(msg.data)
+            else:
+                continue
+            if isinstance(dst, ClientSide):
+                dst.relayed += size
 
     from_down = asyncio.ensure_future(copy(down, up))
     from_up = asyncio.ensure_future(copy(up, down))

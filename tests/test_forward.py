@@ -1031,6 +1031,32 @@ async def test_a_websocket_session_whose_client_vanishes_is_still_counted_and_lo
     assert [json.loads(line)["status"] for line in lines] == [101, 101]
 
 
+async def test_a_websocket_sessions_bytes_are_its_101_head_and_the_payload_relayed_down(
+    start_pollguard: StartPollguard, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The access log's `bytes` said 0 for every WebSocket session: aiohttp counts only
+    what goes through the answer's writer, and the frames do not."""
+    log = tmp_path / "access.log"
+    pg = await start_pollguard(access_log=str(log))
+    async with asyncio.timeout(5):
+        for messages in (["hi"], ["é" * 500, b"x" * 300]):
+            ws = await http.ws_connect(pg.url("/ws"), protocols=("chat",))
+            for message in messages:
+                if isinstance(message, str):
+                    await ws.send_str(message)
+                    assert await ws.receive_str() == "echo:" + message
+                else:
+                    await ws.send_bytes(message)
+                    assert await ws.receive_bytes() == message[::-1]
+            await ws.close()
+        while len(lines := log.read_text().splitlines()) < 2:
+            await asyncio.sleep(0.05)
+    short, long = (json.loads(line)["bytes"] for line in lines)
+    head = len(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    assert short > head + len("echo:hi")  # the head, and the 7 bytes of the echo
+    assert long - short == (5 + 1000 + 300) - len("echo:hi")  # UTF-8 bytes, not characters
+
+
 async def test_a_drain_closes_a_websocket_session_with_1001_and_counts_and_logs_it(
     start_pollguard: StartPollguard, upstream: Upstream, http: aiohttp.ClientSession,
     tmp_path: Path,
