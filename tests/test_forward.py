@@ -176,28 +176,32 @@ async def test_a_bare_request_reaches_the_upstream_with_nothing_invented(
     assert seen["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
 
 
+@pytest.mark.parametrize("body", ["", "hello"], ids=["no-body", "body"])
 async def test_forwarded_headers_append_the_peer_and_replace_what_the_client_claims(
-    start_pollguard: StartPollguard, connect: Connect
+    start_pollguard: StartPollguard, connect: Connect, body: str
 ) -> None:
     pg = await start_pollguard()
+    method = "POST" if body else "GET"
+    length = f"Content-Length: {len(body)}\r\n" if body else ""
     seen = await echo(
         connect,
         pg,
-        "GET /echo HTTP/1.1\r\n"
+        f"{method} /echo HTTP/1.1\r\n"
         "Host: api.example.com:8443\r\n"
         "X-Forwarded-For: 203.0.113.7\r\n"
         "X-Forwarded-For: 198.51.100.1\r\n"
         "X-Forwarded-Proto: https\r\n"
         "X-Forwarded-Host: evil.example\r\n"
         "Via: 1.0 edge\r\n"
-        "\r\n",
+        "Via: 1.1 mid\r\n"
+        f"{length}\r\n{body}",
     )
     assert header_values(seen, "X-Forwarded-For") == ["203.0.113.7, 198.51.100.1, 127.0.0.1"]
     assert header_values(seen, "X-Forwarded-Proto") == ["http"]
     assert header_values(seen, "X-Forwarded-Host") == ["api.example.com:8443"]
-    assert header_values(seen, "Via") == ["1.0 edge, 1.1 pollguard"]
+    assert header_values(seen, "Via") == ["1.0 edge, 1.1 mid, 1.1 pollguard"]
 
-    seen = await echo(connect, pg, "GET /echo HTTP/1.0\r\nHost: h\r\n\r\n")
+    seen = await echo(connect, pg, f"{method} /echo HTTP/1.0\r\nHost: h\r\n{length}\r\n{body}")
     assert header_values(seen, "Via") == ["1.0 pollguard"]
 
 
