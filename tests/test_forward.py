@@ -219,6 +219,8 @@ async def test_x_forwarded_host_is_always_pollguards_even_without_a_host(
     authority = upstream.url.removeprefix("http://")
     assert header_values(seen, "Host") == [authority]
     assert header_values(seen, "X-Forwarded-Host") == [authority]
+    framing = {"Content-Length"} if body else set()
+    assert header_names(seen) == sorted({"Host"} | FORWARDED | framing)  # nothing else added
 
     seen = await echo(
         connect,
