@@ -141,6 +141,30 @@ async def test_a_connection_field_naming_host_or_the_framing_takes_none_of_them_
         assert header_values(seen, "Content-Length") == ["5"]
 
 
+@pytest.mark.parametrize("body", ["", "hello"], ids=["no-body", "body"])
+async def test_every_connection_line_names_hop_by_hop_fields_not_only_the_first(
+    start_pollguard: StartPollguard, connect: Connect, body: str
+) -> None:
+    """Connection lines are one list (RFC 9110 5.3): a field named on the second is a hop's."""
+    pg = await start_pollguard()
+    method = "POST" if body else "GET"
+    length = f"Content-Length: {len(body)}\r\n" if body else ""
+    seen = await echo(
+        connect,
+        pg,
+        f"{method} /echo HTTP/1.1\r\n"
+        "Host: h\r\n"
+        "Connection: keep-alive\r\n"
+        "Connection: X-Hop-A, X-Hop-B\r\n"
+        "X-Hop-A: 1\r\n"
+        "X-Hop-B: 2\r\n"
+        "X-End: kept\r\n"
+        f"{length}\r\n{body}",
+    )
+    framing = {"Content-Length"} if body else set()
+    assert header_names(seen) == sorted({"Host", "X-End"} | FORWARDED | framing)
+
+
 @pytest.mark.parametrize("size", [2, 100_000], ids=["read-whole", "streamed"])
 async def test_an_answer_whose_connection_field_names_content_length_keeps_it(
     start_pollguard: StartPollguard, backend: StartBackend, connect: Connect, size: int
