@@ -185,6 +185,41 @@ async def test_an_answer_whose_connection_field_names_content_length_keeps_it(
         assert resp.get("X-Named-Hop") is None
 
 
+async def test_bytes_that_are_not_utf8_pass_both_ways_in_the_fields_pollguard_rewrites(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    """obs-text (RFC 9110 5.5) in a Connection list, a Via and an X-Forwarded-For: the
+    upstream and the client get the bytes as they were sent, the lists merged around them.
+
+    Bodiless, so on the lean path (request_fields, a Relayed answer): aiohttp's writer, on
+    the other path, leaves out every byte that is not UTF-8."""
+    heads: list[bytes] = []
+
+    async def answer(request: Request) -> None:
+        heads.append(request.head)
+        request.writer.write(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-\xffHop\r\nVia: 1.0 caf\xe9\r\n"
+            b"X-Up: caf\xe9\r\nContent-Length: 2\r\n\r\nok"
+        )
+
+    up = await backend(answer)
+    pg = await start_pollguard(upstream_url=up.url)
+    resp = await exchange(
+        connect,
+        pg,
+        b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, X-\xffHop\r\n"
+        b"Via: 1.0 caf\xe9\r\nX-Forwarded-For: 203.0.113.7\xff\r\nX-Plain: \xe9t\xe9\r\n\r\n",
+    )
+    assert (resp.status, resp.body) == (200, b"ok")
+    assert heads == [
+        b"GET /x HTTP/1.1\r\nHost: h\r\nX-Plain: \xe9t\xe9\r\n"
+        b"X-Forwarded-For: 203.0.113.7\xff, 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
+        b"X-Forwarded-Host: h\r\nVia: 1.0 caf\xe9, 1.1 pollguard\r\n\r\n"
+    ]
+    assert b"\r\nX-Up: caf\xe9\r\n" in resp.head
+    assert b"\r\nVia: 1.0 caf\xe9, 1.1 pollguard\r\n" in resp.head
+
+
 async def test_a_bare_request_reaches_the_upstream_with_nothing_invented(
     start_pollguard: StartPollguard, connect: Connect
 ) -> None:
