@@ -94,6 +94,7 @@ async def test_request_hop_by_hop_headers_are_dropped_and_end_to_end_ones_kept(
         "Authorization: Bearer token\r\n"
         "X-Multi: b\r\n"
         "Cookie: a=1\r\n"
+        "X: one-character name\r\n"
         f"Accept: text/plain\r\n{length}"
         f"\r\n{body}",
     )
@@ -103,6 +104,7 @@ async def test_request_hop_by_hop_headers_are_dropped_and_end_to_end_ones_kept(
             ("Authorization", "Bearer token"),
             ("Cookie", "a=1"),
             ("Host", "api.example.com"),
+            ("X", "one-character name"),
             ("X-Multi", "a"),
             ("X-Multi", "b"),
         ]
