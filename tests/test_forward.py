@@ -302,13 +302,13 @@ async def test_a_forwarded_field_received_gets_pollguards_element_appended(
         connect,
         pg,
         f"{method} /echo HTTP/1.1\r\n"
-        "Host: api.example.com:8443\r\n"
+        "Host: API.EXAMPLE.com:8443\r\n"  # its case kept, as X-Forwarded-Host keeps it
         "Forwarded: for=203.0.113.7;proto=https\r\n"
         f"Forwarded: for=198.51.100.1\r\n{length}\r\n{body}",
     )
     assert header_values(seen, "Forwarded") == [
         "for=203.0.113.7;proto=https, for=198.51.100.1, "
-        'for=127.0.0.1;proto=http;host="api.example.com:8443"'
+        'for=127.0.0.1;proto=http;host="API.EXAMPLE.com:8443"'
     ]
 
 
