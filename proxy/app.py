@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy import fieldbytes
 from proxy.errors import ConfigError, RulesError, StateError, os_reason
 from proxy.events import server_logger
 from proxy.forward import Forwarder
@@ -55,6 +56,7 @@ class Pollguard:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.state = state if state is not None else make_state(settings, clock)
+        fieldbytes.install()  # aiohttp's writers keep a field's bytes that are not UTF-8
         self.forwarder = Forwarder(
             settings.upstream,
             timeout=settings.upstream_timeout,

@@ -20,7 +20,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
+from proxy import fieldbytes
 from proxy.values import Address
 from tests.conftest import Connect, Running, StartPollguard
 from tests.rawhttp import Conn, RawResponse, Request, StartBackend, hang
@@ -193,8 +195,8 @@ async def test_bytes_that_are_not_utf8_pass_both_ways_in_the_fields_pollguard_re
     """obs-text (RFC 9110 5.5) in a Connection list, a Via and an X-Forwarded-For: the
     upstream and the client get the bytes as they were sent, the lists merged around them.
 
-    Bodiless, so on the lean path (request_fields, a Relayed answer): aiohttp's writer, on
-    the other path, leaves out every byte that is not UTF-8."""
+    Bodiless, so on the lean path (request_fields, a Relayed answer); the next test takes
+    aiohttp's path."""
     heads: list[bytes] = []
 
     async def answer(request: Request) -> None:
@@ -220,6 +222,55 @@ async def test_bytes_that_are_not_utf8_pass_both_ways_in_the_fields_pollguard_re
     ]
     assert b"\r\nX-Up: caf\xe9\r\n" in resp.head
     assert b"\r\nVia: 1.0 caf\xe9, 1.1 pollguard\r\n" in resp.head
+
+
+async def test_bytes_that_are_not_utf8_pass_on_aiohttps_path_too(
+    start_pollguard: StartPollguard, backend: StartBackend, connect: Connect
+) -> None:
+    """A request with a body goes through aiohttp's client, an answer of 100,000 bytes
+    back through its server: their C writer left out every byte that was not UTF-8
+    (`X-Plain: \\xe9t\\xe9` reached the upstream as `X-Plain: t`). fieldbytes.py."""
+    heads: list[bytes] = []
+    size = 100_000
+
+    async def answer(request: Request) -> None:
+        heads.append(request.head)
+        await request.reader.readexactly(5)
+        request.writer.write(
+            b"HTTP/1.1 200 \xc7a va\r\nX-Up: caf\xe9\r\nX-Utf8: Jos\xc3\xa9\r\n"
+            b"Content-Length: %d\r\n\r\n" % size + b"x" * size
+        )
+
+    up = await backend(answer)
+    pg = await start_pollguard(upstream_url=up.url)
+    resp = await exchange(
+        connect,
+        pg,
+        b"POST /x HTTP/1.1\r\nHost: h\r\nX-Plain: \xe9t\xe9\r\nVia: 1.0 caf\xe9\r\n"
+        b"X-Utf8: Jos\xc3\xa9\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    assert (resp.status, len(resp.body)) == (200, size)
+    [head] = heads
+    assert b"\r\nX-Plain: \xe9t\xe9\r\n" in head
+    assert b"\r\nVia: 1.0 caf\xe9, 1.1 pollguard\r\n" in head
+    assert b"\r\nX-Utf8: Jos\xc3\xa9\r\n" in head
+    assert resp.head.startswith(b"HTTP/1.1 200 \xc7a va\r\n")
+    assert b"\r\nX-Up: caf\xe9\r\n" in resp.head
+    assert b"\r\nX-Utf8: Jos\xc3\xa9\r\n" in resp.head
+
+
+def test_the_field_writer_refuses_a_line_break_and_writes_as_aiohttp_otherwise() -> None:
+    status = "HTTP/1.1 200 OK"
+    for fields in ({"X-A": "plain"}, {"X-A": "Jos\u00e9", "X-B": "b"}):  # aiohttp's own bytes
+        aiohttps = fieldbytes._aiohttp_serialize(status, CIMultiDict(fields))
+        assert fieldbytes.serialize_headers(status, CIMultiDict(fields)) == aiohttps
+    obs_text = CIMultiDict({"X-A": "caf\udce9", "X-B": "b"})
+    assert fieldbytes.serialize_headers(status, obs_text) == (
+        b"HTTP/1.1 200 OK\r\nX-A: caf\xe9\r\nX-B: b\r\n\r\n"
+    )
+    for injected in ("caf\udce9\r\nX-Evil: 1", "caf\udce9\nX-Evil: 1"):
+        with pytest.raises(ValueError, match="Newline or carriage return"):
+            fieldbytes.serialize_headers(status, CIMultiDict({"X-A": injected}))
 
 
 async def test_a_bare_request_reaches_the_upstream_with_nothing_invented(
