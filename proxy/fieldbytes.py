@@ -7,7 +7,8 @@ as lone surrogates. Its C writer then leaves them out (`X-Name: caf\\xe9` went o
 bytes as they came; install() gives aiohttp's path the same: requests with a body,
 WebSocket handshakes, https upstreams (the client's writer) and streamed answers (the
 server's). A head without such a byte still goes to the C writer, after one isascii()
-per value.
+per name and value; one with it is refused what the C writer refuses (every control
+character but tab, and DEL, wherever in the head it is).
 """
 
 from __future__ import annotations
@@ -20,13 +21,21 @@ _aiohttp_serialize = http_writer._serialize_headers
 
 def serialize_headers(status_line: str, headers: CIMultiDict[str]) -> bytes:
     """The head as aiohttp writes it, but any byte it read that is not UTF-8 kept."""
-    if status_line.isascii() and all(value.isascii() for value in headers.values()):
+    try:
+        plain = status_line.isascii() and all(
+            name.isascii() and value.isascii() for name, value in headers.items()
+        )
+    except AttributeError:  # a name or value that is no str: aiohttp's TypeError
+        plain = True
+    if plain:
         return _aiohttp_serialize(status_line, headers)
     lines = [status_line, *(f"{name}: {value}" for name, value in headers.items())]
     for line in lines:
-        if "\r" in line or "\n" in line:  # as aiohttp's C writer refuses them
-            raise ValueError("Newline or carriage return detected in headers.")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+        http_writer._safe_header(line)  # aiohttp's refusal: every control but tab, and DEL
+    try:
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no parser makes: aiohttp leaves it out
+        return _aiohttp_serialize(status_line, headers)
 
 
 def install() -> None:
