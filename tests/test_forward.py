@@ -53,6 +53,14 @@ def header_names(seen: dict[str, Any]) -> list[str]:
     return sorted(n for n, _ in seen["headers"])
 
 
+def raw_request(fields: str, body: str, target: str = "/echo", version: str = "1.1") -> str:
+    """A request with `fields`: a GET, or with a `body` a POST with its Content-Length
+    (the lean path and aiohttp's client, in the tests parametrized on both)."""
+    method = "POST" if body else "GET"
+    length = f"Content-Length: {len(body)}\r\n" if body else ""
+    return f"{method} {target} HTTP/{version}\r\n{fields}{length}\r\n{body}"
+
+
 async def assert_serves(http: aiohttp.ClientSession, pg: Running) -> None:
     async with asyncio.timeout(2):
         async with http.get(pg.url("/echo/still-serving")) as resp:
@@ -78,27 +86,27 @@ async def test_request_hop_by_hop_headers_are_dropped_and_end_to_end_ones_kept(
     start_pollguard: StartPollguard, connect: Connect, body: str
 ) -> None:
     pg = await start_pollguard()
-    method = "POST" if body else "GET"
-    length = f"Content-Length: {len(body)}\r\n" if body else ""
     seen = await echo(
         connect,
         pg,
-        f"{method} /echo/h HTTP/1.1\r\n"
-        "Host: api.example.com\r\n"
-        "Connection: keep-alive, Upgrade, X-Named-Hop\r\n"
-        "X-Named-Hop: secret\r\n"
-        "Keep-Alive: timeout=5\r\n"
-        "TE: trailers\r\n"
-        "Upgrade: h2c\r\n"
-        "Proxy-Authorization: Basic Zm9vOmJhcg==\r\n"
-        "Proxy-Connection: keep-alive\r\n"
-        "X-Multi: a\r\n"
-        "Authorization: Bearer token\r\n"
-        "X-Multi: b\r\n"
-        "Cookie: a=1\r\n"
-        "X: one-character name\r\n"
-        f"Accept: text/plain\r\n{length}"
-        f"\r\n{body}",
+        raw_request(
+            "Host: api.example.com\r\n"
+            "Connection: keep-alive, Upgrade, X-Named-Hop\r\n"
+            "X-Named-Hop: secret\r\n"
+            "Keep-Alive: timeout=5\r\n"
+            "TE: trailers\r\n"
+            "Upgrade: h2c\r\n"
+            "Proxy-Authorization: Basic Zm9vOmJhcg==\r\n"
+            "Proxy-Connection: keep-alive\r\n"
+            "X-Multi: a\r\n"
+            "Authorization: Bearer token\r\n"
+            "X-Multi: b\r\n"
+            "Cookie: a=1\r\n"
+            "X: one-character name\r\n"
+            "Accept: text/plain\r\n",
+            body,
+            target="/echo/h",
+        ),
     )
     assert sorted((n, v) for n, v in seen["headers"] if n not in FORWARDED) == sorted(
         [
@@ -151,19 +159,18 @@ async def test_every_connection_line_names_hop_by_hop_fields_not_only_the_first(
 ) -> None:
     """Connection lines are one list (RFC 9110 5.3): a field named on the second is a hop's."""
     pg = await start_pollguard()
-    method = "POST" if body else "GET"
-    length = f"Content-Length: {len(body)}\r\n" if body else ""
     seen = await echo(
         connect,
         pg,
-        f"{method} /echo HTTP/1.1\r\n"
-        "Host: h\r\n"
-        "Connection: keep-alive\r\n"
-        "Connection: X-Hop-A, X-Hop-B\r\n"
-        "X-Hop-A: 1\r\n"
-        "X-Hop-B: 2\r\n"
-        "X-End: kept\r\n"
-        f"{length}\r\n{body}",
+        raw_request(
+            "Host: h\r\n"
+            "Connection: keep-alive\r\n"
+            "Connection: X-Hop-A, X-Hop-B\r\n"
+            "X-Hop-A: 1\r\n"
+            "X-Hop-B: 2\r\n"
+            "X-End: kept\r\n",
+            body,
+        ),
     )
     framing = {"Content-Length"} if body else set()
     assert header_names(seen) == sorted({"Host", "X-End"} | FORWARDED | framing)
@@ -318,27 +325,26 @@ async def test_forwarded_headers_append_the_peer_and_replace_what_the_client_cla
     start_pollguard: StartPollguard, connect: Connect, body: str
 ) -> None:
     pg = await start_pollguard()
-    method = "POST" if body else "GET"
-    length = f"Content-Length: {len(body)}\r\n" if body else ""
     seen = await echo(
         connect,
         pg,
-        f"{method} /echo HTTP/1.1\r\n"
-        "Host: api.example.com:8443\r\n"
-        "X-Forwarded-For: 203.0.113.7\r\n"
-        "X-Forwarded-For: 198.51.100.1\r\n"
-        "X-Forwarded-Proto: https\r\n"
-        "X-Forwarded-Host: evil.example\r\n"
-        "Via: 1.0 edge\r\n"
-        "Via: 1.1 mid\r\n"
-        f"{length}\r\n{body}",
+        raw_request(
+            "Host: api.example.com:8443\r\n"
+            "X-Forwarded-For: 203.0.113.7\r\n"
+            "X-Forwarded-For: 198.51.100.1\r\n"
+            "X-Forwarded-Proto: https\r\n"
+            "X-Forwarded-Host: evil.example\r\n"
+            "Via: 1.0 edge\r\n"
+            "Via: 1.1 mid\r\n",
+            body,
+        ),
     )
     assert header_values(seen, "X-Forwarded-For") == ["203.0.113.7, 198.51.100.1, 127.0.0.1"]
     assert header_values(seen, "X-Forwarded-Proto") == ["http"]
     assert header_values(seen, "X-Forwarded-Host") == ["api.example.com:8443"]
     assert header_values(seen, "Via") == ["1.0 edge, 1.1 mid, 1.1 pollguard"]
 
-    seen = await echo(connect, pg, f"{method} /echo HTTP/1.0\r\nHost: h\r\n{length}\r\n{body}")
+    seen = await echo(connect, pg, raw_request("Host: h\r\n", body, version="1.0"))
     assert header_values(seen, "Via") == ["1.0 pollguard"]
 
 
@@ -347,23 +353,15 @@ async def test_x_forwarded_host_is_always_pollguards_even_without_a_host(
     start_pollguard: StartPollguard, upstream: Upstream, connect: Connect, body: str
 ) -> None:
     pg = await start_pollguard()
-    method = "POST" if body else "GET"
-    length = f"Content-Length: {len(body)}\r\n" if body else ""
     spoofed = "X-Forwarded-Host: evil.example\r\nX-Forwarded-Host: evil2.example\r\n"
-    seen = await echo(
-        connect, pg, f"{method} /echo HTTP/1.0\r\n{spoofed}{length}\r\n{body}"
-    )  # HTTP/1.0: no Host
+    seen = await echo(connect, pg, raw_request(spoofed, body, version="1.0"))  # 1.0: no Host
     authority = upstream.url.removeprefix("http://")
     assert header_values(seen, "Host") == [authority]
     assert header_values(seen, "X-Forwarded-Host") == [authority]
     framing = {"Content-Length"} if body else set()
     assert header_names(seen) == sorted({"Host"} | FORWARDED | framing)  # nothing else added
 
-    seen = await echo(
-        connect,
-        pg,
-        f"{method} /echo HTTP/1.1\r\nHost: api.example.com\r\n{spoofed}{length}\r\n{body}",
-    )
+    seen = await echo(connect, pg, raw_request(f"Host: api.example.com\r\n{spoofed}", body))
     assert header_values(seen, "X-Forwarded-Host") == ["api.example.com"]
 
 
@@ -372,15 +370,15 @@ async def test_a_forwarded_field_received_gets_pollguards_element_appended(
     start_pollguard: StartPollguard, connect: Connect, body: str
 ) -> None:
     pg = await start_pollguard()
-    method = "POST" if body else "GET"
-    length = f"Content-Length: {len(body)}\r\n" if body else ""
     seen = await echo(
         connect,
         pg,
-        f"{method} /echo HTTP/1.1\r\n"
-        "Host: API.EXAMPLE.com:8443\r\n"  # its case kept, as X-Forwarded-Host keeps it
-        "Forwarded: for=203.0.113.7;proto=https\r\n"
-        f"Forwarded: for=198.51.100.1\r\n{length}\r\n{body}",
+        raw_request(
+            "Host: API.EXAMPLE.com:8443\r\n"  # its case kept, as X-Forwarded-Host keeps it
+            "Forwarded: for=203.0.113.7;proto=https\r\n"
+            "Forwarded: for=198.51.100.1\r\n",
+            body,
+        ),
     )
     assert header_values(seen, "Forwarded") == [
         "for=203.0.113.7;proto=https, for=198.51.100.1, "
@@ -399,12 +397,8 @@ async def test_an_ipv6_peer_is_bracketed_and_quoted_in_forwarded(
     try:
         conn = Conn(reader, writer)
         for body in ("", "hello"):  # both forms of the rules: lean, and aiohttp's client
-            method = "POST" if body else "GET"
-            length = f"Content-Length: {len(body)}\r\n" if body else ""
-            await conn.send(
-                f"{method} /echo HTTP/1.1\r\nHost: h\r\nForwarded: for=203.0.113.7\r\n"
-                f"{length}\r\n{body}".encode()
-            )
+            fields = "Host: h\r\nForwarded: for=203.0.113.7\r\n"
+            await conn.send(raw_request(fields, body).encode())
             resp = await conn.response()
             assert resp.status == 200, resp
             seen = json.loads(resp.body)
